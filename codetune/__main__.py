@@ -1,0 +1,3 @@
+from codetune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Token shards on disk: the contract between `prepare` and `train`/`eval`.
+
+Layout of a prepared data directory (one folder per split):
+
+    data_dir/manifest.json
+    data_dir/{train,val}/meta.json      {"dtype": "uint16", "seq_len": 4096, "n_seq": N, ...}
+    data_dir/{train,val}/tokens.bin     N x seq_len token ids, raw, memory-mapped (no copy into RAM)
+    data_dir/{train,val}/doc_starts.bin int32 offsets of document starts inside each sequence (CSR values)
+    data_dir/{train,val}/doc_index.bin  int64 CSR row pointers, N + 1 entries
+
+Why document starts: positions restart at each document and no loss is taken where the next token
+begins another document, so packing several files into one sequence doesn't teach the model that
+unrelated files follow each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE = -100
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Streams packed sequences of one split into a temporary folder; `close()` renames it into place,
+    so a crash never leaves a split that a later run would trust."""
+
+    def __init__(self, split_dir: str | Path, seq_len: int, vocab_size: int, extra_meta: dict | None = None):
+        self.final = Path(split_dir)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        self.seq_len, self.dtype = seq_len, token_dtype(vocab_size)
+        self.meta = {"dtype": self.dtype.name, "seq_len": seq_len, "vocab_size": vocab_size, **(extra_meta or {})}
+        self._tok = open(self.tmp / "tokens.bin", "wb")
+        self._starts = open(self.tmp / "doc_starts.bin", "wb")
+        self._index = [0]
+        self._n_real: list[int] = []
+        self.n_seq = 0
+        self.n_tokens = 0  # real (non-pad) tokens
+
+    def add(self, tokens: np.ndarray, doc_starts: list[int], n_real: int) -> None:
+        assert len(tokens) == self.seq_len and doc_starts and doc_starts[0] == 0
+        self._tok.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        self._starts.write(np.asarray(doc_starts, dtype=np.int32).tobytes())
+        self._index.append(self._index[-1] + len(doc_starts))
+        self._n_real.append(n_real)
+        self.n_seq += 1
+        self.n_tokens += n_real
+
+    def close(self) -> dict:
+        self._tok.close()
+        self._starts.close()
+        np.asarray(self._index, dtype=np.int64).tofile(self.tmp / "doc_index.bin")
+        np.asarray(self._n_real, dtype=np.int32).tofile(self.tmp / "n_real.bin")
+        self.meta.update(n_seq=self.n_seq, n_tokens=self.n_tokens)
+        (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=1))
+        replace_dir(self.tmp, self.final)
+        return self.meta
+
+    def abort(self) -> None:
+        for f in (self._tok, self._starts):
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Swap a finished folder into place; the old one is removed only after the new one is there."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class Packer:
+    """Concatenates documents (each followed by EOS) and cuts fixed-length sequences, recording where
+    each document starts. A document longer than what is left continues at position 0 of the next
+    sequence (its continuation counts as a start there). The tail is padded with `pad_id`."""
+
+    def __init__(self, writer: ShardWriter, eos_id: int, pad_id: int):
+        self.w, self.eos, self.pad = writer, eos_id, pad_id
+        self.buf: list[int] = []
+        self.starts: list[int] = []
+
+    def add_document(self, ids: list[int]) -> None:
+        ids = list(ids) + [self.eos]
+        pos = 0
+        while pos < len(ids):
+            if not self.buf or pos == 0:
+                self.starts.append(len(self.buf))
+            take = min(self.w.seq_len - len(self.buf), len(ids) - pos)
+            self.buf.extend(ids[pos:pos + take])
+            pos += take
+            if len(self.buf) == self.w.seq_len:
+                self._flush()
+
+    def _flush(self) -> None:
+        n_real = len(self.buf)
+        if n_real == 0:
+            return
+        starts = self.starts
+        if n_real < self.w.seq_len:
+            starts = starts + [n_real]  # padding is its own "document": no attention into it, no loss
+            self.buf.extend([self.pad] * (self.w.seq_len - n_real))
+        self.w.add(np.asarray(self.buf), sorted(set(starts)), n_real)
+        self.buf, self.starts = [], []
+
+    def finish(self) -> dict:
+        self._flush()
+        return self.w.close()
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Reads one split through memory maps. Item i gives input_ids, position_ids restarting at each
+    document, and labels already shifted by one (labels[t] is the token after t), with IGNORE where the
+    next token starts another document, after the last token, and on padding."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train"):
+        self.dir = Path(data_dir) / split
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"no prepared '{split}' split in {data_dir}: run `codetune prepare` first "
+                                    f"(expected {meta_path})")
+        self.meta = json.loads(meta_path.read_text())
+        self.seq_len = int(self.meta["seq_len"])
+        n = int(self.meta["n_seq"])
+        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n, self.seq_len))
+        self.starts = np.fromfile(self.dir / "doc_starts.bin", dtype=np.int32)
+        self.index = np.fromfile(self.dir / "doc_index.bin", dtype=np.int64)
+        self.n_real = np.fromfile(self.dir / "n_real.bin", dtype=np.int32)
+        if len(self.index) != n + 1 or len(self.n_real) != n:
+            raise ValueError(f"{self.dir} is damaged: doc_index has {len(self.index)} rows for {n} sequences; "
+                             "re-run `codetune prepare`")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def doc_starts(self, i: int) -> np.ndarray:
+        return self.starts[self.index[i]:self.index[i + 1]]
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.from_numpy(self.tokens[i].astype(np.int64))
+        starts = self.doc_starts(i)
+        return {"input_ids": ids, **positions_and_labels(ids, starts, int(self.n_real[i]))}
+
+
+def positions_and_labels(ids: torch.Tensor, starts, n_real: int) -> dict:
+    L = len(ids)
+    seg = torch.zeros(L, dtype=torch.long)
+    starts_t = torch.as_tensor(np.asarray(starts), dtype=torch.long)
+    seg[starts_t[1:]] = 1
+    seg = torch.cumsum(seg, 0)  # document number of each position
+    start_of = starts_t[seg]
+    position_ids = torch.arange(L) - start_of
+    labels = torch.full((L,), IGNORE, dtype=torch.long)
+    labels[:-1] = ids[1:]
+    labels[:-1][seg[1:] != seg[:-1]] = IGNORE  # next token starts another document
+    labels[max(n_real - 1, 0):] = IGNORE  # nothing to predict into or on padding
+    return {"position_ids": position_ids, "labels": labels}
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    p = Path(data_dir) / "manifest.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{data_dir} has no manifest.json: it was not prepared by `codetune prepare` "
+                                "(or the run did not finish); run prepare again")
+    return json.loads(p.read_text())

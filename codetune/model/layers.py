@@ -1,0 +1,185 @@
+"""How each decoder layer runs in training — the ONE place where codetune changes a transformers model's
+behaviour. It swaps the `forward` of each decoder-layer instance (never a library class) for a runner
+that picks one of three modes:
+
+* frozen prefix (no trainable parameter in the layer and no gradient flowing in): run under
+  `torch.no_grad()` — no autograd graph, nothing stored. This is what makes `--train-layers last:N`
+  fast; PEFT's `layers_to_transform` still back-propagates through every layer.
+* checkpointed: keep only the layer's input, recompute the layer in backward (non-reentrant-style
+  semantics are not needed: the input is the only tensor that crosses the boundary). Optionally the
+  kept input lives in pinned CPU RAM: copied out on a side stream during forward, prefetched back one
+  layer ahead during backward, so the copies overlap compute.
+* plain: gradient checkpointing off.
+
+transformers skips its own checkpointing when the model is not in train() mode; ours keys on
+`torch.is_grad_enabled()` and the layer's `training` flag the same way, and the trainer calls
+`model.train()` explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _has_trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class ActivationOffloader:
+    """Pinned CPU buffers for checkpointed layer inputs, reused across steps (pinned allocation is slow)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.on_gpu: dict[int, torch.Tensor] = {}  # prefetched inputs waiting for their backward
+        self.events: dict[int, torch.cuda.Event] = {}
+        self.runners: dict[int, object] = {}
+
+    def _buffer(self, idx: int, t: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(idx)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.copy_stream is not None)
+            self.buffers[idx] = buf
+        return buf
+
+    def store(self, idx: int, t: torch.Tensor) -> None:
+        buf = self._buffer(idx, t)
+        if self.copy_stream is None:
+            buf.copy_(t)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            buf.copy_(t, non_blocking=True)
+            t.record_stream(self.copy_stream)  # keep t's memory alive until the copy has run
+        ev = torch.cuda.Event()
+        ev.record(self.copy_stream)
+        self.events[idx] = ev
+
+    def prefetch(self, idx: int) -> None:
+        if idx in self.on_gpu or idx not in self.buffers or self.copy_stream is None:
+            return
+        ev_store = self.events.get(idx)
+        with torch.cuda.stream(self.copy_stream):
+            if ev_store is not None:
+                self.copy_stream.wait_event(ev_store)
+            t = self.buffers[idx].to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(self.copy_stream)
+        self.on_gpu[idx] = t
+        self.events[idx] = ev
+
+    def load(self, idx: int) -> torch.Tensor:
+        if self.copy_stream is None:
+            return self.buffers[idx].clone()
+        self.prefetch(idx)
+        t = self.on_gpu.pop(idx)
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(self.events.pop(idx))
+        t.record_stream(cur)
+        return t
+
+
+class _CheckpointedLayer(torch.autograd.Function):
+    """Runs fn(hidden) without keeping its activations; recomputes it in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, fn, offloader, idx, prev_idx):
+        ctx.fn, ctx.offloader, ctx.idx, ctx.prev_idx = fn, offloader, idx, prev_idx
+        ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
+                        torch.get_autocast_dtype(hidden.device.type))
+        ctx.device_type = hidden.device.type
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        if offloader is not None:
+            offloader.store(idx, hidden)
+        else:
+            ctx.save_for_backward(hidden)
+        with torch.no_grad():
+            return fn(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.offloader is not None:
+            hidden = ctx.offloader.load(ctx.idx)
+            if ctx.prev_idx is not None:
+                ctx.offloader.prefetch(ctx.prev_idx)  # overlap the next layer's copy with this recompute
+        else:
+            (hidden,) = ctx.saved_tensors
+        hidden = hidden.detach().requires_grad_(True)
+        devices = [hidden.device] if hidden.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                out = ctx.fn(hidden)
+        torch.autograd.backward(out, grad_out)
+        return hidden.grad, None, None, None, None
+
+
+class LayerRunner:
+    """Replaces one decoder layer's forward (instance attribute, see module docstring)."""
+
+    def __init__(self, layer, idx: int, checkpoint: bool, offloader: ActivationOffloader | None,
+                 prev_idx: int | None):
+        self.layer, self.idx = layer, idx
+        self.original = type(layer).forward.__get__(layer)
+        self.checkpoint, self.offloader, self.prev_idx = checkpoint, offloader, prev_idx
+        self.trainable = _has_trainable(layer)
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        if not (torch.is_grad_enabled() and self.layer.training):
+            return self.original(hidden_states, *args, **kwargs)
+        if not self.trainable and not hidden_states.requires_grad:
+            with torch.no_grad():  # frozen prefix: forward only
+                return self.original(hidden_states, *args, **kwargs)
+        if not self.checkpoint:
+            return self.original(hidden_states, *args, **kwargs)
+        kwargs.pop("use_cache", None)
+        for key in ("cache", "past_key_values", "past_key_value"):
+            kwargs.pop(key, None)
+
+        if not hidden_states.requires_grad:
+            # first trainable layer after frozen ones: autograd only calls our backward (and so reaches the
+            # LoRA weights inside) when an input requires grad
+            hidden_states = hidden_states.detach().requires_grad_(True)
+
+        def fn(h):
+            return self.original(h, *args, **kwargs)
+
+        out = _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx)
+        return out
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a (possibly PEFT-wrapped) causal LM."""
+    m = model
+    for attr in ("base_model", "model"):
+        while hasattr(m, attr) and not hasattr(m, "layers"):
+            m = getattr(m, attr)
+    if not hasattr(m, "layers"):
+        raise TypeError(f"cannot find decoder layers in {type(model).__name__}")
+    return m.layers
+
+
+def install_layer_runners(model, checkpoint: bool = True, offload: bool = False) -> ActivationOffloader | None:
+    """Swap every decoder layer's forward for a LayerRunner. Call after adapters/freezing are applied
+    (trainability is read once here). Returns the offloader, if any."""
+    layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    offloader = ActivationOffloader(device) if (checkpoint and offload) else None
+    prev = None
+    for i, layer in enumerate(layers):
+        runner = LayerRunner(layer, i, checkpoint, offloader, prev)
+        layer.forward = runner
+        if runner.trainable or prev is not None:
+            prev = i
+    return offloader
+
+
+def uninstall_layer_runners(model) -> None:
+    for layer in decoder_layers(model):
+        if isinstance(layer.__dict__.get("forward"), LayerRunner):
+            del layer.forward

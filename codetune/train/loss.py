@@ -1,0 +1,75 @@
+"""Cross-entropy fused with the output projection, in chunks, so full-vocabulary fp32 logits never
+exist: at 16k tokens they would be 16,384 x 50,304 x 4 B = 3.1 GiB, plus as much again for their
+gradient. Each chunk's logits are made, turned into the loss and into the gradient for the hidden
+states in the same pass, and dropped. Backward is then a scale of the stored gradient — no recompute.
+
+The loss comes back as a SUM over target tokens; the caller divides by the target count of the whole
+optimizer step (all micro-steps, all processes), which is what makes gradient accumulation exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+LOGIT_CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(64, min(8192, LOGIT_CHUNK_BYTES // (4 * vocab)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, rows):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], rows):
+            h, y = hidden[s:s + rows], labels[s:s + rows]
+            valid = y != IGNORE
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+            loss += ((lse - target) * valid).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
+                probs.mul_(valid.unsqueeze(1))
+                g = probs.to(h.dtype)
+                if need_h:
+                    grad_h[s:s + rows] = g @ weight.to(h.dtype)
+                if need_w:
+                    grad_w += g.t().float() @ h.float()
+                del probs, g
+            del logits
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.need, ctx.w_dtype = (need_h, need_w), weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.need
+        gh = saved.pop(0) if need_h else None
+        gw = saved.pop(0) if need_w else None
+        if gh is not None:
+            gh = gh * grad_loss.to(gh.dtype)
+        if gw is not None:
+            gw = (gw * grad_loss).to(ctx.w_dtype)
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies of softmax(hidden @ weight.T) against labels (IGNORE skipped).
+    hidden: (..., H), labels: (...) already aligned (labels[t] is the token after t)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).to(h.device)
+    return _LinearCrossEntropy.apply(h, weight, y, chunk_rows(weight.shape[0]))
+
+
+def reference_cross_entropy(hidden, weight, labels) -> torch.Tensor:
+    """The plain formula, for tests: full logits, fp32."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
+    return torch.nn.functional.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
