@@ -123,7 +123,22 @@ class DataConfig:
     dedup_threshold: float = opt(0.7, "MinHash Jaccard threshold for near-duplicates")
     decontaminate: bool = opt(True, "drop files containing HumanEval prompts or solutions")
     max_files: int | None = opt(None, "stop after this many input files (quick trials)")
-    workers: int = opt(0, "tokenizer processes; 0 = number of CPU cores")
+    workers: int = opt(0, "worker processes for reading, cleaning and tokenizing; 0 = number of CPU cores")
+    path_column: str | None = opt(None, "JSONL / Parquet / HF column with the file path (gives the language)")
+    repo_column: str | None = opt(None, "JSONL / Parquet / HF column with the repository (keeps it in one split)")
+    license_column: str | None = opt(None, "JSONL / Parquet / HF column with the license (recorded only)")
+    min_file_bytes: int = opt(20, "drop files smaller than this")
+    max_file_bytes: int = opt(1_000_000, "drop files larger than this (The Stack's 1 MB bound)")
+    max_line_length: int = opt(1000, "drop files with a longer line (bigcode: 1000)")
+    max_mean_line_length: float = opt(100.0, "drop files whose mean line length is larger (bigcode: 100)")
+    min_alnum_fraction: float = opt(0.25, "drop files with a smaller fraction of alphanumeric characters (bigcode: 0.25)")
+    redact_secrets: bool = opt(True, "replace secrets, e-mail and public IP addresses by placeholders")
+    near_dedup: bool = opt(True, "drop near-duplicates (MinHash LSH) besides exact duplicates")
+    minhash_perms: int = opt(256, "MinHash permutations for near-dedup")
+    shingle_size: int = opt(5, "words per shingle for near-dedup")
+    decontam_files: list[str] = opt([], "extra benchmark files to decontaminate against (.jsonl rows or source files)")
+    data_seed: int = opt(0, "seed of the FIM choices (the split is by hash, not by seed)")
+    write_report: bool = opt(True, "write report.md and PNG charts next to the shards")
 
     def validate(self) -> None:
         if self.seq_len < 16:
@@ -134,6 +149,15 @@ class DataConfig:
                 raise ConfigError(f"{key}={v}: a probability, must be within [0, 1]")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be within [0, 1)")
+        if not 0.0 < self.dedup_threshold <= 1.0:
+            raise ConfigError(f"dedup_threshold={self.dedup_threshold}: a Jaccard similarity in (0, 1] (0.7 is bigcode's)")
+        if self.minhash_perms < 16 or self.shingle_size < 1:
+            raise ConfigError(f"minhash_perms={self.minhash_perms}, shingle_size={self.shingle_size}: use at least "
+                              "16 permutations (256 is the default) and 1 word per shingle (5 is the default)")
+        if self.min_file_bytes > self.max_file_bytes:
+            raise ConfigError(f"min_file_bytes={self.min_file_bytes} exceeds max_file_bytes={self.max_file_bytes}")
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers}: 0 (all cores) or a positive number of processes")
 
 
 @dataclass
@@ -189,12 +213,32 @@ class EvalConfig:
     limit: int | None = opt(None, "only the first N problems (quick runs)")
     timeout: float = opt(10.0, "seconds of wall clock per executed completion")
     gen_batch_size: int = opt(8, "prompts generated together")
+    fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split")
+    fim_tasks: int = opt(100, "FIM tasks per kind (single-line, multi-line)")
+    loss_batch_size: int = opt(4, "validation sequences per forward pass for the loss")
+    loss_batches: int | None = opt(None, "only the first N validation batches (quick runs)")
 
     def validate(self) -> None:
         if self.n_samples < 1:
             raise ConfigError(f"n_samples={self.n_samples}: must be at least 1")
         if self.adapter_path and not Path(self.adapter_path).exists():
             raise ConfigError(f"adapter_path={self.adapter_path!r}: no such directory; point it at a trained run's adapter/")
+        unknown = [s for s in self.suites if s not in ("loss", "humaneval", "fim")]
+        if unknown or not self.suites:
+            raise ConfigError(f"suites={self.suites}: choose one or more of loss, humaneval, fim")
+        if self.compare and not self.adapter_path:
+            raise ConfigError("compare=true needs --adapter-path: the adapter to compare against its base model")
+        if self.n_samples > 1 and self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} with n_samples={self.n_samples}: sampling needs a "
+                              "temperature > 0 (0.2 for pass@1/10, 0.8 for pass@100 as in the Codex paper)")
+        for key in ("timeout",):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be positive (seconds)")
+        for key in ("max_new_tokens", "gen_batch_size", "fim_tasks", "loss_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
+        if self.fim_source and not Path(self.fim_source).is_dir():
+            raise ConfigError(f"fim_source={self.fim_source!r}: not a directory; give a folder of held-out code files")
 
 
 SECTIONS: dict[str, type] = {

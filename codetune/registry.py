@@ -49,9 +49,11 @@ _STABLE_CODE_3B = dict(
 )
 
 # Same architecture, scaled down: 2 layers, hidden 64. Vocab follows the tokenizer it is built with.
+# A wider init than the 3B's 0.02: with hidden size 64 and a frozen random output layer, 0.02 leaves
+# logits nearly flat, so LoRA could barely move the loss and the demo would show nothing learning.
 _TINY = dict(_STABLE_CODE_3B, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-             vocab_size=4096)
+             vocab_size=4096, initializer_range=0.3)
 
 MODELS: dict[str, ModelSpec] = {
     "stable-code-3b": ModelSpec(

@@ -136,7 +136,10 @@ class PackedDataset(torch.utils.data.Dataset):
         self.meta = json.loads(meta_path.read_text())
         self.seq_len = int(self.meta["seq_len"])
         n = int(self.meta["n_seq"])
-        self.tokens = np.memmap(self.dir / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n, self.seq_len))
+        if n == 0:  # an empty split (e.g. every repository hashed into train) can't be memory-mapped
+            self.tokens = np.zeros((0, self.seq_len), dtype=self.meta["dtype"])
+        else:
+            self.tokens = np.memmap(self.dir / "tokens.bin", dtype=self.meta["dtype"], mode="r", shape=(n, self.seq_len))
         self.starts = np.fromfile(self.dir / "doc_starts.bin", dtype=np.int32)
         self.index = np.fromfile(self.dir / "doc_index.bin", dtype=np.int64)
         self.n_real = np.fromfile(self.dir / "n_real.bin", dtype=np.int32)

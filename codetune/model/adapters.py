@@ -33,7 +33,7 @@ def trained_layer_ids(cfg: AdapterConfig, n_layers: int) -> list[int]:
     return list(range(n_layers - n, n_layers))
 
 
-def apply_adapters(model, cfg: AdapterConfig):
+def apply_adapters(model, cfg: AdapterConfig, seed: int = 0):
     """Freeze everything, then make trainable what `cfg` asks for. Returns the (maybe PEFT-wrapped) model."""
     n_layers = len(decoder_layers(model))
     layer_ids = trained_layer_ids(cfg, n_layers)
@@ -54,6 +54,7 @@ def apply_adapters(model, cfg: AdapterConfig):
                       target_modules=target_modules(cfg, model), use_rslora=cfg.rslora, use_dora=cfg.dora,
                       layers_to_transform=None if cfg.train_layers == "all" else layer_ids,
                       task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # same LoRA init for the same seed (resume, parity checks)
     return get_peft_model(model, lcfg)
 
 

@@ -1,0 +1,138 @@
+"""codetune's training step on a random-init model of stable-code-3b's exact shape, measured the way the
+peer scripts in ../shared/bench measure theirs (batch 1, random tokens, LoRA r=16 on all linear layers,
+AdamW lr 1e-4, 5 warm-up + 10 timed steps, median). It drives the real engine: recipe.build_model and
+recipe.train_step, the same code `codetune train` runs.
+
+Usage: python3 bench/train_bench.py --quant nf4 --seq 4096 [--last-layers 8] [--max-vram 10GiB]
+          --tokenizer ../shared/tokenizers/gpt-neox-20b.json
+Prints one JSON line like the peers. `--loss-steps N` instead runs N steps on a fixed token stream and
+prints the loss curve (for the parity check against the HF recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from codetune.train.memory import configure_allocator  # noqa: E402
+
+configure_allocator()
+
+import torch  # noqa: E402
+
+from codetune.config import build  # noqa: E402
+from codetune.model.load import padded_vocab  # noqa: E402
+from codetune.model.tokenizer import ensure_special_tokens  # noqa: E402
+from codetune.train import recipe  # noqa: E402
+
+
+class _Acc:
+    """The slice of accelerate.Accelerator that train_step uses, for one process."""
+    num_processes = 1
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, norm):
+        return torch.nn.utils.clip_grad_norm_(params, norm)
+
+
+class _Stream:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def batch(self, k):
+        return self.batches[k % len(self.batches)]
+
+
+def make_batches(vocab: int, seq: int, n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (1, seq), generator=g)
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]
+        out.append({"input_ids": ids, "position_ids": torch.arange(seq)[None], "labels": labels})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="stable-code-3b")
+    ap.add_argument("--quant", choices=["nf4", "int8", "bf16", "fp32"], default="nf4")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--last-layers", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--max-vram", default=None)
+    ap.add_argument("--offload", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--loss-steps", type=int, default=0, help="run N steps and print the loss curve instead")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    a = ap.parse_args()
+
+    from transformers import PreTrainedTokenizerFast
+
+    tok = ensure_special_tokens(PreTrainedTokenizerFast(tokenizer_file=a.tokenizer))
+    flags = {"model.model": a.model, "model.random_init": True, "model.precision": a.quant,
+             "adapter.rank": a.rank, "adapter.alpha": float(2 * a.rank),
+             "adapter.train_layers": f"last:{a.last_layers}" if a.last_layers else "all",
+             "data.seq_len": a.seq, "train.max_vram": a.max_vram, "train.lr": a.lr, "train.warmup_steps": 0,
+             "train.schedule": "constant", "train.max_grad_norm": 0.0, "train.offload_activations": a.offload,
+             "train.grad_checkpointing": not a.no_checkpointing, "train.steps": max(a.loss_steps, 1)}
+    cfgs = build(["model", "adapter", "data", "train"], flags=flags)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from codetune.train.memory import cap_vram
+    cap_vram(a.max_vram, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, offloader = recipe.build_model(cfgs, device, padded_vocab(tok))
+    from codetune.train.optim import build_optimizer, build_scheduler
+    opt = build_optimizer(model, cfgs["train"], device)
+    sched = build_scheduler(opt, cfgs["train"])
+    vocab = model.get_input_embeddings().weight.shape[0]
+    n_batches = a.loss_steps or 1
+    run = SimpleNamespace(cfgs=cfgs, accelerator=_Acc(dtype), device=device, loss_fn=recipe.CausalLMLoss(model),
+                          optimizer=opt, scheduler=sched, train_stream=_Stream(make_batches(vocab, a.seq, n_batches)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if a.loss_steps:
+        losses = [recipe.train_step(run, s)["loss"] for s in range(a.loss_steps)]
+        print(json.dumps({"engine": "codetune", "quant": a.quant, "seq": a.seq, "losses": losses}), flush=True)
+        return
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(a.warmup + a.steps):
+        sync()
+        t = time.perf_counter()
+        recipe.train_step(run, i)
+        sync()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    step_s = sorted(times)[len(times) // 2]
+    res = {"engine": "codetune", "quant": a.quant, "seq": a.seq, "rank": a.rank, "last_layers": a.last_layers,
+           "offload": a.offload, "max_vram": a.max_vram, "trainable_params": trainable,
+           "tokens_per_s": round(a.seq / step_s, 1)}
+    if device.type == "cuda":
+        res.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                   gpu=torch.cuda.get_device_name(0))
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

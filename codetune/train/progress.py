@@ -1,0 +1,50 @@
+"""The training progress bar: loss, learning rate, tokens/s, GPU memory (allocated / reserved), ETA.
+Off a terminal (CI logs) it prints a plain line every 10% instead of redrawing."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+
+class Progress:
+    def __init__(self, total: int, start: int = 0, enabled: bool = True):
+        self.total, self.enabled = total, enabled
+        self.console = Console(stderr=True)
+        self.live = enabled and self.console.is_terminal
+        self.bar = None
+        self._every = max(1, total // 10)
+        if self.live:
+            self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+            self.bar.start()
+
+    @staticmethod
+    def _stats(rec: dict) -> str:
+        parts = [f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}", f"{rec.get('tok_per_s', 0):,.0f} tok/s"]
+        if "val_loss" in rec:
+            parts.append(f"val {rec['val_loss']:.4f}")
+        if "alloc_gib" in rec:
+            parts.append(f"mem {rec['alloc_gib']:.2f}/{rec['reserved_gib']:.2f} GiB")
+        return "  ".join(parts)
+
+    def update(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=rec["step"], stats=self._stats(rec))
+        elif rec["step"] % self._every == 0 or rec["step"] == self.total or "val_loss" in rec:
+            print(f"step {rec['step']}/{self.total}  {self._stats(rec)}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
