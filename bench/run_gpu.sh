@@ -9,6 +9,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export CODETUNE_CACHE=/tmp/codetune-cache
 export PEER_CKPT=$CODETUNE_CACHE/random-init/stable-code-3b-v50304-s0   # peers and codetune share the weights
 export PYTHONPATH=$PWD/.site-unsloth:$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then   # pytest, rich ... for the GPU test run
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 mkdir -p tokenizers && cp .bench-peers/tok/gpt-neox-20b.json tokenizers/   # where unsloth_baseline.py looks
 TOK=$PWD/tokenizers/gpt-neox-20b.json
 python3 - <<'PY' | tee -a "$OUT/env.json"
@@ -28,7 +31,9 @@ while IFS= read -r line; do
     unsloth)  cmd="python3 .bench-peers/unsloth_baseline.py $args";;
     sh)       cmd="$args";;
   esac
-  res=$(eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep '^{' | tail -1)
+  res=$(eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep '^{')
   [ -n "$res" ] || res='{"error": "no result, see log"}'
-  echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $res}" | tee -a "$OUT/results.jsonl"
+  while IFS= read -r r; do   # one record per JSON line (train_bench prints one per length)
+    echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $r}" | tee -a "$OUT/results.jsonl"
+  done <<< "$res"
 done < "$1"

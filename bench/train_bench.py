@@ -36,11 +36,11 @@ class _Acc:
     """The slice of accelerate.Accelerator that train_step uses, for one process."""
     num_processes = 1
 
-    def __init__(self, dtype):
-        self.dtype = dtype
+    def __init__(self, mode):
+        self.mode = mode
 
-    def autocast(self):
-        return torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32)
+    def autocast(self):  # what Accelerate does for recipe.mixed_precision()
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.mode == "fp16")
 
     def backward(self, loss):
         loss.backward()
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="stable-code-3b")
     ap.add_argument("--quant", choices=["nf4", "int8", "bf16", "fp32"], default="nf4")
-    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--seq", type=int, nargs="+", default=[4096], help="one or more lengths (model loaded once)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--last-layers", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=5)
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--loss-steps", type=int, default=0, help="run N steps and print the loss curve instead")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--no-fast-lora", action="store_true")
     a = ap.parse_args()
 
     from transformers import PreTrainedTokenizerFast
@@ -91,29 +92,38 @@ def main() -> None:
     flags = {"model.model": a.model, "model.random_init": True, "model.precision": a.quant,
              "adapter.rank": a.rank, "adapter.alpha": float(2 * a.rank),
              "adapter.train_layers": f"last:{a.last_layers}" if a.last_layers else "all",
-             "data.seq_len": a.seq, "train.max_vram": a.max_vram, "train.lr": a.lr, "train.warmup_steps": 0,
+             "data.seq_len": max(a.seq), "train.max_vram": a.max_vram, "train.lr": a.lr, "train.warmup_steps": 0,
              "train.schedule": "constant", "train.max_grad_norm": 0.0, "train.offload_activations": a.offload,
-             "train.grad_checkpointing": not a.no_checkpointing, "train.steps": max(a.loss_steps, 1)}
+             "train.grad_checkpointing": not a.no_checkpointing, "train.steps": max(a.loss_steps, 1),
+             "train.fast_lora": not a.no_fast_lora}
     cfgs = build(["model", "adapter", "data", "train"], flags=flags)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from codetune.train.memory import cap_vram
     cap_vram(a.max_vram, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, offloader = recipe.build_model(cfgs, device, padded_vocab(tok))
     from codetune.train.optim import build_optimizer, build_scheduler
     opt = build_optimizer(model, cfgs["train"], device)
     sched = build_scheduler(opt, cfgs["train"])
     vocab = model.get_input_embeddings().weight.shape[0]
-    n_batches = a.loss_steps or 1
-    run = SimpleNamespace(cfgs=cfgs, accelerator=_Acc(dtype), device=device, loss_fn=recipe.CausalLMLoss(model),
-                          optimizer=opt, scheduler=sched, train_stream=_Stream(make_batches(vocab, a.seq, n_batches)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    acc = _Acc(recipe.mixed_precision(device))
     if a.loss_steps:
+        run = SimpleNamespace(cfgs=cfgs, accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
+                              optimizer=opt, scheduler=sched,
+                              train_stream=_Stream(make_batches(vocab, a.seq[0], a.loss_steps)))
         losses = [recipe.train_step(run, s)["loss"] for s in range(a.loss_steps)]
-        print(json.dumps({"engine": "codetune", "quant": a.quant, "seq": a.seq, "losses": losses}), flush=True)
+        print(json.dumps({"engine": "codetune", "quant": a.quant, "seq": a.seq[0], "losses": losses}), flush=True)
         return
+    for seq in sorted(a.seq):  # ascending, so cached blocks of a shorter run never inflate a longer one's peak
+        print(json.dumps(measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable)), flush=True)
+
+
+def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> dict:
+    run = SimpleNamespace(cfgs=cfgs, accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
+                          optimizer=opt, scheduler=sched, train_stream=_Stream(make_batches(vocab, seq, 1)))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(a.warmup + a.steps):
@@ -124,14 +134,14 @@ def main() -> None:
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
-    res = {"engine": "codetune", "quant": a.quant, "seq": a.seq, "rank": a.rank, "last_layers": a.last_layers,
-           "offload": a.offload, "max_vram": a.max_vram, "trainable_params": trainable,
-           "tokens_per_s": round(a.seq / step_s, 1)}
+    res = {"engine": "codetune", "quant": a.quant, "seq": seq, "rank": a.rank, "last_layers": a.last_layers,
+           "fast_lora": not a.no_fast_lora, "offload": a.offload, "max_vram": a.max_vram,
+           "trainable_params": trainable, "tokens_per_s": round(seq / step_s, 1)}
     if device.type == "cuda":
         res.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
                    gpu=torch.cuda.get_device_name(0))
-    print(json.dumps(res), flush=True)
+    return res
 
 
 if __name__ == "__main__":

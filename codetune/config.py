@@ -178,6 +178,7 @@ class TrainConfig:
     offload_activations: str = opt("auto", "keep checkpointed layer inputs in pinned CPU RAM: auto (on for GPU), on, off",
                                    ("auto", "on", "off"))
     max_vram: str | None = opt(None, "cap this process's GPU memory, e.g. 10GiB to emulate a 10 GB card")
+    fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward")
     eval_every: int = opt(100, "validate every N steps; 0 disables")
     eval_batches: int = opt(20, "validation batches per evaluation")
     early_stopping: int = opt(0, "stop after N evaluations without improvement; 0 disables")
@@ -231,9 +232,8 @@ class EvalConfig:
         if self.n_samples > 1 and self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} with n_samples={self.n_samples}: sampling needs a "
                               "temperature > 0 (0.2 for pass@1/10, 0.8 for pass@100 as in the Codex paper)")
-        for key in ("timeout",):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}={getattr(self, key)}: must be positive (seconds)")
+        if self.timeout <= 0:
+            raise ConfigError(f"timeout={self.timeout}: must be positive (seconds per executed completion)")
         for key in ("max_new_tokens", "gen_batch_size", "fim_tasks", "loss_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")

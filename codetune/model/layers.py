@@ -26,15 +26,19 @@ def _has_trainable(module: torch.nn.Module) -> bool:
 
 
 class ActivationOffloader:
-    """Pinned CPU buffers for checkpointed layer inputs, reused across steps (pinned allocation is slow)."""
+    """Pinned CPU buffers for checkpointed layer inputs, reused across steps (pinned allocation is slow).
+
+    Stream discipline, because the caching allocator keeps one pool per stream: every GPU tensor here
+    is allocated on the compute stream and only *read or written* by the copy stream, with events in
+    both directions — no record_stream, whose deferred frees were measured to triple reserved memory.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.buffers: dict[int, torch.Tensor] = {}
-        self.on_gpu: dict[int, torch.Tensor] = {}  # prefetched inputs waiting for their backward
-        self.events: dict[int, torch.cuda.Event] = {}
-        self.runners: dict[int, object] = {}
+        self.sources: dict[int, tuple[torch.Tensor, object]] = {}  # kept alive until their D2H copy ran
+        self.fetched: dict[int, tuple[torch.Tensor, object]] = {}  # H2D copies in flight
 
     def _buffer(self, idx: int, t: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(idx)
@@ -43,54 +47,63 @@ class ActivationOffloader:
             self.buffers[idx] = buf
         return buf
 
+    def _release_sources(self) -> None:
+        for k in [k for k, (_, ev) in self.sources.items() if ev.query()]:
+            del self.sources[k]
+
     def store(self, idx: int, t: torch.Tensor) -> None:
         buf = self._buffer(idx, t)
         if self.copy_stream is None:
             buf.copy_(t)
             return
+        self._release_sources()
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             buf.copy_(t, non_blocking=True)
-            t.record_stream(self.copy_stream)  # keep t's memory alive until the copy has run
-        ev = torch.cuda.Event()
-        ev.record(self.copy_stream)
-        self.events[idx] = ev
+            ev = torch.cuda.Event()
+            ev.record()
+        self.sources[idx] = (t, ev)
 
     def prefetch(self, idx: int) -> None:
-        if idx in self.on_gpu or idx not in self.buffers or self.copy_stream is None:
+        if idx in self.fetched or idx not in self.buffers or self.copy_stream is None:
             return
-        ev_store = self.events.get(idx)
+        buf = self.buffers[idx]
+        dst = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)  # compute-stream pool
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            if ev_store is not None:
-                self.copy_stream.wait_event(ev_store)
-            t = self.buffers[idx].to(self.device, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record(self.copy_stream)
-        self.on_gpu[idx] = t
-        self.events[idx] = ev
+            dst.copy_(buf, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        self.fetched[idx] = (dst, ev)
 
     def load(self, idx: int) -> torch.Tensor:
         if self.copy_stream is None:
             return self.buffers[idx].clone()
         self.prefetch(idx)
-        t = self.on_gpu.pop(idx)
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_event(self.events.pop(idx))
-        t.record_stream(cur)
-        return t
+        dst, ev = self.fetched.pop(idx)
+        torch.cuda.current_stream(self.device).wait_event(ev)
+        self.sources.pop(idx, None)
+        return dst
+
+
+def _stochastic(layer: torch.nn.Module) -> bool:
+    """Does the layer draw random numbers in training (dropout)? Only then must a recompute replay RNG."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()):
+        return True
+    return any(float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0 for m in layer.modules())
 
 
 class _CheckpointedLayer(torch.autograd.Function):
     """Runs fn(hidden) without keeping its activations; recomputes it in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, fn, offloader, idx, prev_idx):
+    def forward(ctx, hidden, fn, offloader, idx, prev_idx, replay_rng):
         ctx.fn, ctx.offloader, ctx.idx, ctx.prev_idx = fn, offloader, idx, prev_idx
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         ctx.device_type = hidden.device.type
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if replay_rng else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if (replay_rng and hidden.is_cuda) else None
         if offloader is not None:
             offloader.store(idx, hidden)
         else:
@@ -107,16 +120,19 @@ class _CheckpointedLayer(torch.autograd.Function):
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
-        devices = [hidden.device] if hidden.is_cuda else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-            enabled, dtype = ctx.autocast
+        enabled, dtype = ctx.autocast
+        if ctx.cpu_rng is None:
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
                 out = ctx.fn(hidden)
+        else:
+            with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []):
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
+                with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                    out = ctx.fn(hidden)
         torch.autograd.backward(out, grad_out)
-        return hidden.grad, None, None, None, None
+        return hidden.grad, None, None, None, None, None
 
 
 class LayerRunner:
@@ -128,6 +144,7 @@ class LayerRunner:
         self.original = type(layer).forward.__get__(layer)
         self.checkpoint, self.offloader, self.prev_idx = checkpoint, offloader, prev_idx
         self.trainable = _has_trainable(layer)
+        self.replay_rng = _stochastic(layer)
 
     def __call__(self, hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and self.layer.training):
@@ -149,7 +166,7 @@ class LayerRunner:
         def fn(h):
             return self.original(h, *args, **kwargs)
 
-        out = _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx)
+        out = _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx, self.replay_rng)
         return out
 
 

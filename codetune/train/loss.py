@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100
-LOGIT_CHUNK_BYTES = 256 * 2**20
+LOGIT_CHUNK_BYTES = 128 * 2**20  # fp32 logits per chunk; ~1 GiB of peak at 16k would be 4x this
 
 
 def chunk_rows(vocab: int) -> int:
@@ -26,10 +26,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # Compute in the weight's width: under CUDA autocast the final LayerNorm hands us fp32 hidden
+        # states, and casting the 50k-row head up to match them would copy 0.5 GiB per chunk.
+        cdt = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else hidden.dtype
+        w = weight.to(cdt)
         for s in range(0, hidden.shape[0], rows):
-            h, y = hidden[s:s + rows], labels[s:s + rows]
+            h, y = hidden[s:s + rows].to(cdt), labels[s:s + rows]
             valid = y != IGNORE
-            logits = (h @ weight.t()).float()
+            logits = (h @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
             loss += ((lse - target) * valid).sum()
@@ -37,9 +41,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
                 probs.mul_(valid.unsqueeze(1))
-                g = probs.to(h.dtype)
+                g = probs.to(cdt)
                 if need_h:
-                    grad_h[s:s + rows] = g @ weight.to(h.dtype)
+                    grad_h[s:s + rows] = g @ w
                 if need_w:
                     grad_w += g.t().float() @ h.float()
                 del probs, g

@@ -1,0 +1,117 @@
+"""Greedy HumanEval throughput of the random-init stable-code-3b shape: all 164 prompts through the
+batched KV-cache generator, exactly as `codetune eval` runs them. Random weights make the scores
+meaningless but the speed real (same shapes, same kernels); generation runs to the token budget more
+often than a trained model would, so this is close to a worst case for the budget.
+
+    python3 bench/humaneval_throughput.py --tokenizer tokenizer.json --out result.json \
+        [--precision nf4|bf16] [--max-vram 10GiB] [--limit N] [--max-new-tokens N] [--batch-size N]
+
+CPU smoke test: --model tiny-stablelm --limit 4 --max-new-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or folder) of the stable-code / GPT-NeoX family")
+    p.add_argument("--out", required=True, help="JSON result file")
+    p.add_argument("--model", default="stable-code-3b", help="registry name (tiny-stablelm for a CPU smoke test)")
+    p.add_argument("--precision", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"))
+    p.add_argument("--max-vram", default=None, help="cap this process's GPU memory, e.g. 10GiB (the 10 GB preset)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-execute", action="store_true", help="skip running the completions in the sandbox")
+    return p.parse_args(argv)
+
+
+def cap_memory(max_vram: str | None, device: torch.device) -> float | None:
+    """Emulate a smaller card: the caching allocator refuses to grow past the cap (OOM like a real card)."""
+    from codetune.config import parse_size
+
+    cap = parse_size(max_vram)
+    if cap is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    frac = min(1.0, cap / total)
+    torch.cuda.set_per_process_memory_fraction(frac, device)
+    return frac
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+         "peft": peft.__version__, "cuda": torch.version.cuda}
+    try:
+        import bitsandbytes
+
+        v["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def main(argv=None) -> int:
+    from codetune.config import ModelConfig
+    from codetune.eval import humaneval
+    from codetune.eval.generation import GenSettings, GenStats, generate
+    from codetune.eval.run import load_base
+
+    a = parse_args(argv)
+    if not Path(a.tokenizer).exists():
+        print(f"--tokenizer {a.tokenizer}: no such file", file=sys.stderr)
+        return 2
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    frac = cap_memory(a.max_vram, device)
+    cfg = ModelConfig(model=a.model, random_init=True, precision=a.precision, tokenizer=a.tokenizer)
+    cfg.validate()
+    t = time.perf_counter()
+    model, tok = load_base(cfg, data_dir="", device=device)
+    load_s = time.perf_counter() - t
+    problems = humaneval.load_problems(a.limit)
+    prompts = [p["prompt"] for p in problems]
+    settings = GenSettings(max_new_tokens=a.max_new_tokens, stop=humaneval.STOP_SEQUENCES, batch_size=a.batch_size)
+    # warm-up (CUDA context, kernels, stop-string tables) is not timed
+    generate(model, tok, prompts[:1], GenSettings(max_new_tokens=4, stop=settings.stop, batch_size=1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = GenStats()
+    completions = generate(model, tok, prompts, settings, stats)
+    result = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})",
+        "model": a.model, "precision": cfg.precision if a.precision != "auto" else ("nf4" if device.type == "cuda" else "fp32"),
+        "max_vram": a.max_vram, "memory_fraction": frac, "problems": len(prompts), "batch_size": a.batch_size,
+        "max_new_tokens": a.max_new_tokens, **stats.as_dict(),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None,
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+        "load_s": round(load_s, 1), "versions": versions(),
+    }
+    if not a.no_execute:
+        t = time.perf_counter()
+        _, summary = humaneval.score(problems, [[c] for c in completions])
+        result["sandbox"] = {"seconds": round(time.perf_counter() - t, 2), "statuses": summary["statuses"],
+                             "pass@1_meaningless_random_weights": summary["pass@1"]}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
