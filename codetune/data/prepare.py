@@ -1,87 +1,239 @@
-"""`codetune prepare` — FIRST PIPELINE (foundation): walk sources, keep text code files, split by
-repository hash, FIM-rewrite, tokenize, pack, write shards + manifest. The data issue replaces the
-body with the full staged pipeline; the public API (`prepare()`, `run()`) stays."""
+"""`codetune prepare`: turn the user's code into packed token shards for training.
+
+Order of work: every configuration check first (sources, columns, languages, benchmark files,
+tokenizer and its FIM tokens), then the run key. If `data_dir` already holds a finished run with the
+same key (same configuration, tokenizer and input files), it is reused as is. Otherwise the pipeline
+streams into a temporary folder that replaces `data_dir` only when everything, manifest included, is
+written: a crash leaves the old data (or nothing), never a half-written folder that looks finished.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
-import random
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from codetune.config import ConfigError, DataConfig, ModelConfig
+from codetune.data import filters, languages, pipeline
+from codetune.data.decontam import Decontaminator
+from codetune.data.fim import check_fim_tokens
 from codetune.data.shards import Packer, ShardWriter, replace_dir
-from codetune.model.tokenizer import load_tokenizer, tokenizer_fingerprint
-from codetune import registry
+from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of
+from codetune.data.stats import Stats
+from codetune.model.tokenizer import cache_root, load_tokenizer, tokenizer_fingerprint
 
-CODE_EXT = {".py", ".md", ".js", ".ts", ".c", ".h", ".cpp", ".java", ".go", ".rs", ".rb", ".php", ".sh"}
+PIPELINE_VERSION = 2  # bump when a change alters the shards, so old runs are not reused
+BPE_SAMPLE_BYTES = 20_000_000
+NOT_IN_KEY = ("data_dir", "workers", "write_report")  # settings that do not change the shards
 
 
-def list_files(sources: list[str], max_files: int | None = None) -> list[Path]:
-    files: list[Path] = []
-    for src in sources:
+def columns(data: DataConfig) -> Columns:
+    return Columns(data.content_column, data.path_column, data.repo_column, data.license_column)
+
+
+def iter_items(data: DataConfig) -> Iterator:
+    items = itertools.chain.from_iterable(iter_source(s, columns(data)) for s in data.sources)
+    return itertools.islice(items, data.max_files) if data.max_files else items
+
+
+def input_fingerprint(data: DataConfig) -> tuple[str, int | None]:
+    """Cheap identity of the inputs (names, sizes, mtimes), for deciding whether a run can be reused,
+    and the number of files (None when a tabular source makes it unknown until read). The manifest
+    also records a true content hash, computed while the run reads the data."""
+    h = hashlib.sha256()
+    n_files: int | None = 0
+    for src in data.sources:
+        h.update(src.encode())
         p = Path(src).expanduser()
-        if not p.exists():
-            raise ConfigError(f"source {src!r} does not exist; give a directory or file of code")
-        cands = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.suffix in CODE_EXT and x.is_file())
-        files.extend(c for c in cands if ".git" not in c.parts and "site-packages" not in c.parts)
-        if max_files and len(files) >= max_files:
-            return files[:max_files]
+        if kind_of(src) != "path" or not p.is_dir():
+            n_files = None
+            if kind_of(src) == "hf":
+                continue  # a hub dataset's revision is not visible offline; its name stands for it
+        paths = [Path(it.file) for it in iter_items(dataclasses.replace(data, sources=[src]))
+                 if isinstance(it, Item) and it.file] if p.is_dir() else [p]
+        if n_files is not None:
+            n_files += len(paths)
+        for f in paths:
+            try:
+                st = f.stat()
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(f"{f}:missing".encode())
+    if n_files is not None and data.max_files:
+        n_files = min(n_files, data.max_files)
+    return h.hexdigest(), n_files
+
+
+def corpus_for_bpe(data: DataConfig, allowed: frozenset) -> list[Path]:
+    """Files to train the tiny model's BPE on: the allowed-language files of local trees, plus a sample
+    of record sources' texts written to a file named by the sources, so the cached BPE is reused."""
+    files, records = [], []
+    for it in iter_items(data):
+        if not isinstance(it, Item):
+            continue
+        if it.file and languages.detect(it.path) in allowed:
+            files.append(Path(it.file))
+        elif it.text is not None and sum(map(len, records)) < BPE_SAMPLE_BYTES:
+            records.append(it.text if isinstance(it.text, str) else it.text.decode("utf-8", "replace"))
+    if records:
+        name = hashlib.sha256("\n".join(data.sources).encode()).hexdigest()[:16]
+        sample = cache_root() / "bpe-samples" / f"{name}.txt"
+        sample.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sample.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text("\n".join(records), encoding="utf-8", errors="replace")
+        os.replace(tmp, sample)
+        files.append(sample)
     return files
 
 
-def fim_transform(text: str, rng: random.Random, spm_rate: float) -> str:
-    a, b = sorted(rng.randint(0, len(text)) for _ in range(2))
-    pre, mid, suf = text[:a], text[a:b], text[b:]
-    if rng.random() < spm_rate:
-        return f"{registry.FIM_PREFIX}{registry.FIM_SUFFIX}{suf}{registry.FIM_MIDDLE}{pre}{mid}"
-    return f"{registry.FIM_PREFIX}{pre}{registry.FIM_SUFFIX}{suf}{registry.FIM_MIDDLE}{mid}"
+def run_key(data: DataConfig, tok_fp: str, inputs: str) -> str:
+    cfg = {k: v for k, v in dataclasses.asdict(data).items() if k not in NOT_IN_KEY}
+    blob = json.dumps({"v": PIPELINE_VERSION, "cfg": cfg, "tok": tok_fp, "in": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def is_val(key: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
+def reusable(out: Path, key: str) -> dict | None:
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    complete = all((out / s / "meta.json").exists() for s in m.get("splits", {})) and (out / "tokenizer").exists()
+    return m if m.get("run_key") == key and complete else None
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temporary folders of runs that died (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_config(data: DataConfig) -> tuple[frozenset, Decontaminator | None]:
+    data.validate()
+    check_sources(data.sources, columns(data))
+    unknown = languages.check_languages(data.languages)
+    if unknown:
+        raise ConfigError(f"languages: unknown {unknown}; known: {', '.join(languages.KNOWN)}")
+    decon = Decontaminator.build(data.decontaminate, data.decontam_files) \
+        if (data.decontaminate or data.decontam_files) else None
+    return languages.allowed_languages(data.languages), decon
 
 
 def prepare(data: DataConfig, model: ModelConfig, progress=None) -> dict:
-    files = list_files(data.sources, data.max_files)
-    tok = load_tokenizer(model, corpus_files=files)
-    out = Path(data.data_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    vocab = len(tok)
-    writers = {s: ShardWriter(tmp / s, data.seq_len, vocab) for s in ("train", "val")}
-    packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
-    rng = random.Random(0)
-    kept = dropped = 0
+    """Run the pipeline; returns the manifest. `progress` is True for terminal bars, or a callable
+    `(files_done, total)` (total is None when a JSONL / Parquet / HF source makes it unknown)."""
     t0 = time.time()
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            dropped += 1
-            continue
-        if not text.strip():
-            dropped += 1
-            continue
-        split = "val" if is_val(str(f.parent), data.val_fraction) else "train"
-        if rng.random() < data.fim_rate:
-            text = fim_transform(text, rng, data.fim_spm_rate)
-        packers[split].add_document(tok.encode(text, add_special_tokens=False))
-        kept += 1
-        if progress:
-            progress(kept + dropped, len(files))
-    metas = {s: p.finish() for s, p in packers.items()}
-    save_dir = tmp / "tokenizer"
-    tok.save_pretrained(save_dir)
-    manifest = {"sources": data.sources, "config": data.__dict__, "tokenizer": tokenizer_fingerprint(tok),
-                "counts": {"kept": kept, "dropped": dropped}, "splits": metas, "seconds": round(time.time() - t0, 2)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    replace_dir(tmp, out)
+    allowed, decon = check_config(data)
+    corpus = corpus_for_bpe(data, allowed) if model.tokenizer is None and model.random_init else None
+    tok = load_tokenizer(model, corpus_files=corpus)
+    check_fim_tokens(tok, data.fim_rate)
+    out = Path(data.data_dir).expanduser()
+    inputs, n_files = input_fingerprint(data)
+    key = run_key(data, tokenizer_fingerprint(tok), inputs)
+    if (old := reusable(out, key)) is not None:
+        return {**old, "reused": True}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
+    packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
+    setup = pipeline.Setup(
+        thresholds=filters.Thresholds(data.min_file_bytes, data.max_file_bytes, data.max_line_length,
+                                      data.max_mean_line_length, data.min_alnum_fraction),
+        allowed=allowed, redact=data.redact_secrets, near_dedup=data.near_dedup, num_perm=data.minhash_perms,
+        shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok.backend_tokenizer.to_str(),
+        special_ids=_fim_ids(tok), fim_rate=data.fim_rate, fim_spm_rate=data.fim_spm_rate, seed=data.data_seed)
+    stats = Stats()
+    workers = data.workers or os.cpu_count() or 1
+    try:
+        with _ticker(progress, n_files) as tick:
+            digest = pipeline.run(iter_items(data), setup, workers, data.val_fraction, data.dedup_threshold,
+                                  lambda split, ids: packers[split].add_document(ids.tolist()), stats, tick)
+        metas = {s: p.finish() for s, p in packers.items()}
+        tok.save_pretrained(tmp / "tokenizer")
+        manifest = _manifest(data, tok, key, stats, metas, digest.hex(), time.time() - t0)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if data.write_report:
+            from codetune.data.report import write_report
+
+            write_report(tmp, manifest, stats)
+        replace_dir(tmp, out)
+    except BaseException:
+        for w in writers.values():
+            if w.tmp.exists():
+                w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 
+def _fim_ids(tok) -> dict:
+    from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+    return {t: tok.convert_tokens_to_ids(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
+
+
+def _manifest(data, tok, key, stats: Stats, metas: dict, digest: str, seconds: float) -> dict:
+    counts = stats.to_dict()
+    n_dropped = sum(sum(s["dropped"].values()) for s in counts["stages"].values())
+    counts.update(kept=stats.kept["tokenize"], dropped=n_dropped)
+    return {
+        "format": PIPELINE_VERSION, "run_key": key, "sources": list(data.sources),
+        "config": dataclasses.asdict(data), "tokenizer": tokenizer_fingerprint(tok),
+        "tokenizer_info": {"class": type(tok).__name__, "vocab_size": len(tok), "eos_id": tok.eos_token_id},
+        "input_sha256": digest, "counts": counts, "splits": metas,
+        "near_dedup": {"bands": stats.lsh_bands[0] if stats.lsh_bands else None,
+                       "rows": stats.lsh_bands[1] if stats.lsh_bands else None,
+                       "threshold": data.dedup_threshold, "perms": data.minhash_perms,
+                       "documents_indexed": stats.dedup_indexed, "index_bytes": stats.dedup_index_bytes},
+        "seconds": round(seconds, 2),
+        "input_mb_per_s": round(stats.input_bytes / 1e6 / max(seconds, 1e-9), 2),
+    }
+
+
+class _ticker:
+    """Adapts the `progress` argument to pipeline ticks."""
+
+    def __init__(self, progress, total: int | None):
+        self.progress, self.total, self.bars, self.done = progress, total, None, 0
+
+    def __enter__(self):
+        if self.progress is True:
+            from codetune.data.progress import Bars
+
+            self.bars = Bars(None).__enter__()
+            return self.bars.tick
+        if callable(self.progress):
+            return self._call
+        return None
+
+    def _call(self, phase: str, files: int, n_bytes: int) -> None:
+        if phase == "clean":
+            self.done += files
+            self.progress(self.done, self.total)
+
+    def __exit__(self, *exc):
+        if self.bars:
+            self.bars.__exit__(*exc)
+
+
 def run(cfgs: dict, ns) -> int:
-    m = prepare(cfgs["data"], cfgs["model"])
-    print(json.dumps({k: m[k] for k in ("counts", "splits")}, indent=1))
+    import sys
+
+    m = prepare(cfgs["data"], cfgs["model"], progress=sys.stderr.isatty())
+    c = m["counts"]
+    summary = {"reused": m.get("reused", False), "files_seen": c["files_seen"], "kept": c["kept"],
+               "dropped": {s: v["dropped"] for s, v in c["stages"].items() if v["dropped"]},
+               "splits": {s: {"sequences": v["n_seq"], "tokens": v["n_tokens"]} for s, v in m["splits"].items()},
+               "seconds": m["seconds"], "data_dir": cfgs["data"].data_dir}
+    print(json.dumps(summary, indent=1))
     return 0

@@ -28,8 +28,9 @@ def cap_vram(max_vram: str | None, device: torch.device) -> int | None:
     cap = parse_size(max_vram)
     if not cap or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return cap
 
 

@@ -1,0 +1,256 @@
+"""The streaming pipeline: stages 1-4 (plus the per-document halves of 5 and 6) and stage 9's
+tokenization run in worker processes; the parent keeps only what must be global — the dedup index,
+the split, the packers and the counts.
+
+Work goes out in small batches with a bounded number in flight, so memory stays flat however large
+the input, and results are consumed strictly in submission order, so the output does not depend on
+timing or on the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import multiprocessing as mp
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from codetune.data import decode as dec
+from codetune.data import dedup, filters, fim, languages, redact
+from codetune.data.decontam import Decontaminator
+from codetune.data.sources import Drop, Item
+from codetune.data.split import split_of
+from codetune.data.stats import Stats
+from codetune.data.tokenize import PieceEncoder
+
+WORKER_STAGES = ("decode", "language", "quality", "redact")  # those that can drop inside a worker
+BATCH_FILES = 32
+TOKEN_BATCH_BYTES = 2_000_000
+
+
+@dataclass
+class Setup:
+    """Everything a worker needs, sent once per process."""
+    thresholds: filters.Thresholds
+    allowed: frozenset
+    redact: bool
+    near_dedup: bool
+    num_perm: int
+    shingle_size: int
+    decontam: Decontaminator | None
+    tokenizer_json: str
+    special_ids: dict
+    fim_rate: float
+    fim_spm_rate: float
+    seed: int
+
+
+_W: dict = {}  # per-process state: the setup, permutations and encoder
+
+
+def _init(setup: Setup) -> None:
+    _W["setup"] = setup
+    _W["perms"] = dedup.permutations(setup.num_perm)
+    _W["enc"] = PieceEncoder(setup.tokenizer_json, setup.special_ids)
+
+
+class _Clock:
+    """Per-stage CPU time (not wall time: on a shared machine wall time measures the neighbours) and
+    bytes inside a worker, summed into Stats by the parent."""
+
+    def __init__(self):
+        self.t = time.process_time()
+        self.log: list[tuple[str, float, int]] = []
+
+    def lap(self, stage: str, n_bytes: int) -> None:
+        now = time.process_time()
+        self.log.append((stage, now - self.t, n_bytes))
+        self.t = now
+
+
+def clean_one(item: Item | Drop, s: Setup, perms, clock: _Clock) -> dict:
+    if isinstance(item, Drop):
+        return {"drop": ("decode", item.reason), "path": item.path, "bytes": 0, "raw": b""}
+    if item.file is not None:
+        data, reason = dec.read_file(item.file, s.thresholds.max_bytes)
+    else:
+        data, reason = item.text, None
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else (data or b"")
+    base = {"path": item.path, "bytes": len(raw), "raw": hashlib.blake2b(raw, digest_size=16).digest()}
+    text = None
+    if reason is None:
+        text, reason = dec.decode(data)
+    clock.lap("decode", len(raw))
+    if reason:
+        return {**base, "drop": ("decode", reason)}
+
+    lang = languages.detect(item.path) if item.path else "unknown"
+    if lang is None or (item.path and lang not in s.allowed):
+        return {**base, "drop": ("language", "unknown_language" if lang is None else f"not_allowed:{lang}")}
+    if lang == "jupyter":
+        text = dec.notebook_to_script(text)
+        if text is None:
+            return {**base, "drop": ("language", "bad_notebook")}
+    clock.lap("language", len(raw))
+
+    reason = filters.quality_reason(text, lang, s.thresholds)
+    clock.lap("quality", len(raw))
+    if reason:
+        return {**base, "drop": ("quality", reason)}
+
+    found: Counter = Counter()
+    if s.redact:
+        text, found = redact.redact(text)
+    clock.lap("redact", len(raw))
+
+    key = dedup.exact_key(text)
+    sig = dedup.signature(dedup.shingles(text, s.shingle_size), perms) if s.near_dedup else None
+    clock.lap("dedup", len(raw))
+    contam = s.decontam.match(text) if s.decontam else None
+    clock.lap("decontam", len(raw))
+    return {**base, "text": text, "lang": lang, "repo": item.repo, "key": key, "sig": sig,
+            "contam": contam, "redactions": found}
+
+
+def clean_batch(batch: list) -> tuple[list[dict], list]:
+    s, clock = _W["setup"], _Clock()
+    return [_guarded(it, s, clock) for it in batch], clock.log
+
+
+def _guarded(item, s: Setup, clock: _Clock) -> dict:
+    """An input that trips an unexpected error is counted under it; it never stops the run."""
+    try:
+        return clean_one(item, s, _W["perms"], clock)
+    except Exception as e:  # noqa: BLE001 - by design: one bad file must not end a long run
+        return {"drop": ("error", type(e).__name__), "path": getattr(item, "path", None), "bytes": 0, "raw": b""}
+
+
+def encode_batch(docs: list[tuple[str, bytes]]) -> tuple[list[tuple[np.ndarray, str]], list]:
+    s, clock = _W["setup"], _Clock()
+    pieces = [fim.fim_split(text, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed) for text, key in docs]
+    n_bytes = sum(len(t) for t, _ in docs)
+    clock.lap("fim", n_bytes)
+    ids = _W["enc"].encode(pieces)
+    clock.lap("tokenize", n_bytes)
+    return [(i, p.mode) for i, p in zip(ids, pieces)], clock.log
+
+
+class _Inline:
+    """Same interface as a Pool's async results, run in this process (workers=1, tests)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def batched(it: Iterable, n: int):
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_threshold: float,
+        sink: Callable[[str, np.ndarray], None], stats: Stats, tick: Callable[[str, int, int], None] | None = None
+        ) -> bytes:
+    """Drive all stages over `items`; `sink(split, ids)` receives each kept document's tokens in
+    order. Returns the content hash of the inputs."""
+    pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(setup,)) if workers > 1 else None
+    if pool is None:
+        _init(setup)
+
+    def submit(fn, arg):
+        return pool.apply_async(fn, (arg,)) if pool else _Inline(fn(arg))
+
+    dd = dedup.Deduper(dedup_threshold, setup.num_perm)
+    content = hashlib.sha256()
+    cleaning, encoding = deque(), deque()
+    pending: list[tuple[str, bytes, str, str, int]] = []  # text, key, split, lang, bytes
+    pending_bytes = 0
+    depth = max(2, 2 * workers)
+    source = batched(items, BATCH_FILES)
+    doc_id = 0
+
+    def flush_tokens():
+        nonlocal pending, pending_bytes
+        if pending:
+            meta = [(p[2], p[3], p[4]) for p in pending]
+            encoding.append((meta, submit(encode_batch, [(p[0], p[1]) for p in pending])))
+            pending, pending_bytes = [], 0
+
+    def drain(limit: int):
+        while len(encoding) > limit:
+            meta, res = encoding.popleft()
+            out, log = res.get()
+            for stage, sec, nb in log:
+                stats.add_timing(stage, sec, nb)
+            for (split, _lang, nb), (ids, mode) in zip(meta, out):
+                stats.fim_modes[mode] += 1
+                stats.kept["fim"] += 1
+                stats.kept["tokenize"] += 1
+                stats.doc_tokens.append(len(ids))
+                sink(split, ids)
+                if tick:
+                    tick("tokenize", 1, nb)
+
+    try:
+        for batch in itertools.islice(source, depth):
+            cleaning.append(submit(clean_batch, batch))
+        while cleaning:
+            results, log = cleaning.popleft().get()
+            nxt = next(source, None)
+            if nxt is not None:
+                cleaning.append(submit(clean_batch, nxt))
+            for stage, sec, nb in log:
+                stats.add_timing(stage, sec, nb)
+            for r in results:
+                stats.files_seen += 1
+                stats.input_bytes += r["bytes"]
+                content.update(r["raw"])
+                if tick:
+                    tick("clean", 1, r["bytes"])
+                passed = WORKER_STAGES.index(r["drop"][0]) if "drop" in r and r["drop"][0] in WORKER_STAGES \
+                    else (0 if "drop" in r else len(WORKER_STAGES))
+                for stage in WORKER_STAGES[:passed]:  # the stages before the one that dropped it
+                    stats.kept[stage] += 1
+                if "drop" in r:
+                    stats.drop(*r["drop"], r["bytes"])
+                    continue
+                stats.redactions.update(r["redactions"])
+                why = dd.check(doc_id, r["key"], r["sig"])
+                doc_id += 1
+                if why:
+                    stats.drop("dedup", why, r["bytes"])
+                    continue
+                stats.kept["dedup"] += 1
+                if r["contam"]:
+                    stats.drop("decontam", "benchmark_match", r["bytes"])
+                    stats.contaminated.append({"path": r["path"], "match": r["contam"]})
+                    continue
+                stats.kept["decontam"] += 1
+                split = split_of(r["repo"], r["path"], val_fraction)
+                stats.kept["split"] += 1
+                stats.split_documents[split] += 1
+                stats.languages[r["lang"]] += 1
+                stats.language_bytes[r["lang"]] += r["bytes"]
+                stats.file_bytes.append(r["bytes"])
+                pending.append((r["text"], r["key"], split, r["lang"], r["bytes"]))
+                pending_bytes += len(r["text"])
+                if pending_bytes >= TOKEN_BATCH_BYTES:
+                    flush_tokens()
+                    drain(depth)
+        flush_tokens()
+        drain(0)
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+    stats.lsh_bands = (dd.b, dd.r)
+    stats.dedup_index_bytes = dd.memory_bytes()
+    stats.dedup_indexed = len(dd.exact)
+    return content.digest()

@@ -1,0 +1,69 @@
+"""The one writer of a trained adapter directory, used by the trainer's checkpoints and final save.
+
+A directory holds what `codetune.model.load.load_tuned` needs to rebuild base + adapter offline:
+- method "lora": PEFT's own files (adapter_config.json, adapter_model.safetensors), so
+  `PeftModel.from_pretrained(base, dir)` works without codetune;
+- method "full": only the trained tensors, in trained_weights.safetensors (the frozen rest is the base);
+- the tokenizer files, and codetune.json (base model settings, vocab size, init seed, training setup).
+
+It is written to a temporary directory beside the target and moved into place, so a crash mid-save
+never leaves a half-written adapter where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from codetune.model.load import RUN_INFO
+
+FULL_WEIGHTS = "trained_weights.safetensors"
+
+
+def trained_state_dict(model) -> dict:
+    """The tensors that training changed (requires_grad), under the base model's own parameter names,
+    which is what load_tuned's `load_state_dict(strict=False)` expects."""
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move a finished `tmp` to `out_dir`; an older `out_dir` is set aside first and deleted only after."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model, tokenizer, info: dict, out_dir: Path) -> Path:
+    """Write adapter weights, tokenizer and codetune.json (`info`) to `out_dir` atomically; return it."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        if info.get("method", "lora") == "full":
+            tensors = trained_state_dict(model)
+            if not tensors:
+                raise ValueError("method 'full' but the model has no trainable parameters to save")
+            save_file(tensors, str(tmp / FULL_WEIGHTS), metadata={"format": "pt"})
+        else:
+            if not hasattr(model, "peft_config"):
+                raise ValueError("method 'lora' needs a PEFT model (from apply_adapters); got "
+                                 f"{type(model).__name__}")
+            model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

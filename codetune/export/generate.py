@@ -1,0 +1,129 @@
+"""`codetune generate`: complete a prompt, or fill in the middle between --prefix and --suffix, with the
+base model alone or base + adapter (unmerged), in 4-bit on a GPU or bf16/fp32; tokens stream to stdout.
+
+Also the loading entry point `load_for_inference`, shared with `codetune serve`, and `complete`, the
+one-call helper the demo uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from codetune.config import ConfigError, ModelConfig
+from codetune.export.sampling import SamplingParams, fim_ids, generate_text, max_context, prompt_ids
+
+CLI_FLAGS = [
+    (("--adapter",), dict(metavar="DIR", help="adapter directory from `codetune train`; without it the base "
+                                                "model (--model) is used alone")),
+    (("--prompt",), dict(metavar="TEXT", help="text to continue; @FILE reads a file, - reads stdin")),
+    (("--prefix",), dict(metavar="TEXT", help="fill-in-the-middle: code before the gap (@FILE reads a file)")),
+    (("--suffix",), dict(metavar="TEXT", help="fill-in-the-middle: code after the gap (@FILE reads a file)")),
+    (("--max-new-tokens",), dict(type=int, default=128, help="tokens to generate at most")),
+    (("--temperature",), dict(type=float, default=0.0, help="sampling temperature; 0 = greedy")),
+    (("--top-p",), dict(type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                                                       "with this much probability")),
+    (("--top-k",), dict(type=int, default=0, help="sample only from the k most likely tokens; 0 = off")),
+    (("--repetition-penalty",), dict(type=float, default=1.0, help="> 1 discourages repeats; 1 = off")),
+    (("--stop",), dict(action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")),
+    (("--seed",), dict(type=int, default=None, help="sampling seed, for repeatable samples")),
+    (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
+]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torch.device,
+                       model_cfg_given: bool = False):
+    """(model, tokenizer) ready for decoding. With an adapter, its codetune.json says how to rebuild the
+    base (unless --model was given explicitly); `model_cfg.precision` picks nf4/int8/bf16/fp32 (auto: nf4
+    on a GPU, fp32 on the CPU)."""
+    from codetune.model.load import check_vocab, load_model, load_tuned, padded_vocab
+    from codetune.model.tokenizer import TokenizerError, load_tokenizer
+
+    if adapter:
+        if not Path(adapter).is_dir():
+            raise ConfigError(f"--adapter {adapter}: no such directory; point it at <run>/adapter")
+        model, tok, _ = load_tuned(adapter, device, precision=model_cfg.precision,
+                                   model_cfg=model_cfg if model_cfg_given else None)
+    else:
+        try:
+            tok = load_tokenizer(model_cfg)
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
+        # a random-init model is sized to its tokenizer, as `codetune train` builds it
+        vocab = padded_vocab(tok) if model_cfg.random_init else None
+        model, _ = load_model(model_cfg, device, vocab_size=vocab)
+        check_vocab(model, tok)
+        model.eval()
+    return model, tok
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+             stop: list[str] | None = None, on_text=None) -> str:
+    """The continuation of `prompt` (stop string excluded); `on_text` receives it piece by piece."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop or []))
+    return generate_text(model, tokenizer, prompt_ids(tokenizer, prompt), params, on_text=on_text).text
+
+
+def read_arg(value: str | None) -> str | None:
+    """Flag text as given, '@path' for a file's contents, '-' for stdin."""
+    if value is None:
+        return None
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        p = Path(value[1:]).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"{value}: no such file (a leading @ reads the text from a file)")
+        return p.read_text(encoding="utf-8")
+    return value
+
+
+def run(cfgs: dict, ns: argparse.Namespace) -> int:
+    prompt, prefix, suffix = read_arg(ns.prompt), read_arg(ns.prefix), read_arg(ns.suffix)
+    fim = prefix is not None or suffix is not None
+    if fim and prompt is not None:
+        raise ConfigError("give either --prompt (continue text) or --prefix/--suffix (fill in the middle), not both")
+    if not fim and prompt is None:
+        raise ConfigError("nothing to complete: pass --prompt TEXT, or --prefix TEXT and --suffix TEXT for "
+                          "fill-in-the-middle (@FILE reads a file)")
+    params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
+                            top_k=ns.top_k, repetition_penalty=ns.repetition_penalty, stop=ns.stop, seed=ns.seed)
+    try:
+        params.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    device = pick_device(ns.device)
+    model, tok = load_for_inference(cfgs["model"], ns.adapter, device, model_cfg_given=hasattr(ns, "model.model"))
+    ids = fim_ids(tok, prefix or "", suffix or "") if fim else prompt_ids(tok, prompt)
+    room = max_context(model) - len(ids)
+    if room < 1:
+        raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {max_context(model)}: shorten it")
+    if params.max_new_tokens > room:
+        print(f"codetune generate: only {room} tokens fit after the prompt; generating at most that many",
+              file=sys.stderr)
+        params.max_new_tokens = room
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    out = generate_text(model, tok, ids, params, on_text=show)
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(f"[{out.completion_tokens} tokens in {dt:.2f}s, {out.completion_tokens / max(dt, 1e-9):.1f} tok/s, "
+          f"finish: {out.finish_reason}]", file=sys.stderr)
+    return 0

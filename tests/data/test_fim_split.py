@@ -1,0 +1,66 @@
+"""Stages 7-8: the split is stable and keeps repositories whole; FIM samples undo to the original
+document after a real tokenizer's encode/decode round trip; a tokenizer without FIM tokens is refused."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from codetune.config import ConfigError, ModelConfig
+from codetune.data.fim import check_fim_tokens, fim_split, render, undo_fim
+from codetune.data.split import split_of
+from codetune.data.tokenize import PieceEncoder
+from codetune.model.tokenizer import load_tokenizer
+from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "gpt-neox-20b.json"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if not SHARED.exists():
+        pytest.skip("shared GPT-NeoX tokenizer not present")
+    return load_tokenizer(ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(SHARED)))
+
+
+def test_split_is_stable_and_by_repository():
+    first = [split_of(f"org/repo{i}", f"f{i}.py", 0.2) for i in range(200)]
+    assert first == [split_of(f"org/repo{i}", f"f{i}.py", 0.2) for i in range(200)]
+    assert 10 < first.count("val") < 70
+    for i in range(50):  # every file of a repository lands with the repository
+        assert len({split_of(f"org/repo{i}", f"file{j}.py", 0.2) for j in range(20)}) == 1
+
+
+def test_fim_round_trip_through_tokenizer(tok):
+    enc = PieceEncoder(tok.backend_tokenizer.to_str(),
+                       {t: tok.convert_tokens_to_ids(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)})
+    rng = random.Random(0)
+    docs = ["def f(x):\n    return x * 2  # héllo ünïcode ✓\n" * rng.randint(1, 5) + str(i) for i in range(40)]
+    pieces = [fim_split(d, str(i), 1.0 if i % 4 else 0.0, 0.5) for i, d in enumerate(docs)]
+    assert {p.mode for p in pieces} == {"none", "psm", "spm"}
+    for d, p, ids in zip(docs, pieces, enc.encode(pieces)):
+        decoded = tok.decode(ids.tolist(), skip_special_tokens=False)
+        assert decoded == render(p)
+        assert undo_fim(decoded) == d
+
+
+def test_fim_choice_is_deterministic():
+    assert fim_split("abcdef" * 10, "k", 0.5, 0.5, seed=3) == fim_split("abcdef" * 10, "k", 0.5, 0.5, seed=3)
+
+
+def test_literal_special_tokens_in_code_stay_text(tok):
+    enc = PieceEncoder(tok.backend_tokenizer.to_str(), {})
+    code = 'EOS = "<|endoftext|>"\n'
+    ids = enc.encode([fim_split(code, "k", 0.0, 0.0)])[0].tolist()
+    assert tok.eos_token_id not in ids and tok.decode(ids) == code
+
+
+class _SplitsFim:
+    def encode(self, s, add_special_tokens=False):
+        return [1, 2, 3] if s.startswith("<fim") else [1]
+
+
+def test_tokenizer_without_fim_tokens_is_refused():
+    with pytest.raises(ConfigError, match="fim-rate 0"):
+        check_fim_tokens(_SplitsFim(), 0.5)
+    check_fim_tokens(_SplitsFim(), 0.0)  # FIM off: no FIM tokens needed
