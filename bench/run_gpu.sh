@@ -31,7 +31,7 @@ while IFS= read -r line; do
     unsloth)  cmd="python3 .bench-peers/unsloth_baseline.py $args";;
     sh)       cmd="$args";;
   esac
-  res=$(eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep '^{')
+  res=$(eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep '^{.*}$')
   [ -n "$res" ] || res='{"error": "no result, see log"}'
   while IFS= read -r r; do   # one record per JSON line (train_bench prints one per length)
     echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $r}" | tee -a "$OUT/results.jsonl"

@@ -73,7 +73,7 @@ def run(cfgs: dict, ns) -> int:
     tok = AutoTokenizer.from_pretrained(str(merged))
     prompt = "def read_config(path):\n    "
     print(prompt, end="", flush=True)
-    complete(model, tok, prompt, max_new_tokens=48, temperature=0.0, on_text=lambda s: print(s, end="", flush=True))
+    complete(model, tok, prompt, max_new_tokens=48, temperature=0.7, on_text=lambda s: print(s, end="", flush=True))
     print()
 
     say(f"done in {time.time() - t0:.0f} s. Written:\n"

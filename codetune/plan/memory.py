@@ -2,8 +2,9 @@
 
 Parameter terms (weights, adapters, gradients, optimizer states) are exact byte counts of the tensors
 the engine creates (tests check them against PEFT and bitsandbytes). Activation terms follow what
-autograd saves in one StableLM decoder layer under CUDA bf16 autocast; they are estimates whose named
-constants below are meant to be calibrated against measured peaks (docs/memory.md).
+autograd saves in one StableLM decoder layer with bf16 compute (no autocast: see train/recipe.py
+mixed_precision); they are estimates whose named constants below are calibrated against the measured
+peaks in bench/results/ (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ NF4_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per weight: nested 8-bit code, NF4 cod
 OPT8_BLOCK = 256            # bitsandbytes 8-bit optimizer: one fp32 absmax per 256 values and state
 OPT8_MIN_SIZE = 4096        # smaller tensors keep 32-bit states
 # --- activations ---------------------------------------------------------------------------------
-LN_AUTOCAST_BYTES = 4       # CUDA autocast runs layer_norm in fp32: its saved input copy and its output
+LN_AUTOCAST_BYTES = 2       # LayerNorm saves its bf16 input (no autocast, so no fp32 copy)
 OFFLOAD_IN_FLIGHT = 2       # offloaded layer inputs on the GPU at once (current + prefetched)
 BWD_WIDE_GRADS = 3          # tokens x intermediate gradients alive together in the MLP's backward
 BWD_HIDDEN_GRADS = 2        # tokens x hidden gradients into and out of the layer
@@ -227,18 +228,14 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
         kept, recompute = n_train * (saved + layer_in), bwd
     mask = MASK_BYTES * train.batch_size * data.seq_len ** 2 if mcfg.attn in ("sdpa", "eager") else 0
 
-    # loss: final LayerNorm (fp32 under autocast): its saved input, its output and the fp32 grad_h the fused
-    # CE keeps; per chunk bf16 + fp32 logits; `weight.to(h.dtype)` copies lm_head to fp32 and autocast
-    # casts it back to bf16 for the matmul.
+    # loss: the final LayerNorm's saved input and output and the grad_h the fused CE keeps (all in the
+    # compute dtype), plus per chunk the fp32 logits and their bf16 gradient.
     from codetune.train.loss import chunk_rows
 
-    hb, wb = LN_AUTOCAST_BYTES, WEIGHT_BYTES[precision]
-    head_copies = (v * h * hb if hb != wb else 0) + (v * h * 2 if 4 in (hb, wb) else 0)
-    loss = 3 * T * h * hb + min(chunk_rows(v), T) * v * (4 + 2) + head_copies
+    loss = 3 * T * h * act + min(chunk_rows(v), T) * v * (4 + 2)
 
     dequant = max(i * o for i, o, _ in shape.linears().values()) * 2 if precision in ("nf4", "int8") else 0
-    autocast_cache = sum(k * 2 for k, b in tensors if b == 4)  # bf16 casts of fp32 trainable weights
-    workspace = CUBLAS_WORKSPACE + dequant + autocast_cache + 3 * T * 8  # + int64 ids, positions, labels
+    workspace = CUBLAS_WORKSPACE + dequant + 3 * T * 8  # + int64 ids, positions, labels
 
     parts = {"weights": weights, "lora_params": params, "grads": grads, "optimizer": opt,
              "activations_kept": kept, "attn_mask": mask, "layer_recompute": recompute, "loss_chunk": loss,

@@ -1,0 +1,71 @@
+"""Turn one device call's results.jsonl + env.json (from bench/run_gpu.sh) into the committed record:
+a JSON file and a Markdown table of codetune against both peers, as ratios from the same call.
+
+Usage: python3 bench/report.py RESULTS_DIR OUT_STEM   (writes OUT_STEM.json and OUT_STEM.md)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+
+def load(results_dir: Path) -> tuple[dict, list[dict]]:
+    env = json.loads((results_dir / "env.json").read_text().splitlines()[0])
+    rows = []
+    for ln in (results_dir / "results.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:  # a job that printed multi-line JSON: its one-line summary follows
+            continue
+    return env, [r["result"] for r in rows if r["result"] and "error" not in r["result"]]
+
+
+def key(r: dict) -> tuple:
+    return (r.get("quant"), r.get("seq"), r.get("last_layers", 0) or 0)
+
+
+def table(results: list[dict]) -> list[str]:
+    peers = {("unsloth", key(r)): r for r in results if r.get("peer") == "unsloth"}
+    peers.update({("hf", key(r)): r for r in results if r.get("peer") == "hf-peft-bnb"})
+    ours = [r for r in results if r.get("engine") == "codetune" and "tokens_per_s" in r]
+    out = ["| configuration | codetune tok/s | reserved GiB | vs Unsloth speed | vs Unsloth memory "
+           "| vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(ours, key=lambda r: (r["quant"], r.get("last_layers", 0), r["seq"])):
+        name = f"{r['quant']}, {r['seq'] // 1024}k" + (f", last {r['last_layers']} layers" if r.get("last_layers") else "")
+        if r.get("max_vram"):
+            name += f" (--max-vram {r['max_vram']})"
+        cells = [name, f"{r['tokens_per_s']:,.0f}", f"{r['peak_reserved_gib']:.2f}"]
+        for peer in ("unsloth", "hf"):
+            # last:N is compared with the peer's all-layer run (issue 5, target 2)
+            p = peers.get((peer, (r["quant"], r["seq"], 0)))
+            if p is None:
+                cells += ["–", "–"]
+            else:
+                cells += [f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}×",
+                          f"{r['peak_reserved_gib'] / p['peak_reserved_gib']:.2f}×"]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Peers in the same call:", "", "| peer | configuration | tok/s | reserved GiB |", "|---|---|---|---|"]
+    for (peer, k), p in sorted(peers.items(), key=lambda x: (x[0][0], str(x[0][1]))):
+        out.append(f"| {peer} | {k[0]}, {k[1] // 1024}k | {p['tokens_per_s']:,.0f} | {p['peak_reserved_gib']:.2f} |")
+    return out
+
+
+def main() -> None:
+    results_dir, stem = Path(sys.argv[1]), Path(sys.argv[2])
+    env, results = load(results_dir)
+    date = datetime.date.today().isoformat()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"date": date, "env": env, "results": results}, indent=1))
+    lines = [f"# Training throughput and memory — {env['gpu']}, {date}", "",
+             f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+             f"bitsandbytes {env['bitsandbytes']}, accelerate {env['accelerate']}, Python {env['python']}. "
+             "Random-init stable-code-3b shape, LoRA r=16 on all linear layers (unless noted), batch 1, "
+             "5 warm-up + 10 timed steps, median. Ratios are against peers run in the same device call.", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines + table(results)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
