@@ -24,7 +24,7 @@ NF4_FIXED_BYTES = 256 * 4 + 16 * 4 + 4  # per weight: nested 8-bit code, NF4 cod
 OPT8_BLOCK = 256            # bitsandbytes 8-bit optimizer: one fp32 absmax per 256 values and state
 OPT8_MIN_SIZE = 4096        # smaller tensors keep 32-bit states
 # --- activations ---------------------------------------------------------------------------------
-LN_AUTOCAST_BYTES = 2       # LayerNorm saves its bf16 input (no autocast, so no fp32 copy)
+LN_SAVED_BYTES = 2       # LayerNorm saves its bf16 input (no autocast, so no fp32 copy)
 OFFLOAD_IN_FLIGHT = 2       # offloaded layer inputs on the GPU at once (current + prefetched)
 BWD_WIDE_GRADS = 3          # tokens x intermediate gradients alive together in the MLP's backward
 BWD_HIDDEN_GRADS = 2        # tokens x hidden gradients into and out of the layer
@@ -157,9 +157,9 @@ def layer_saved_bytes(shape: Shape, tokens: int, train_names: list[str], rank: i
     `train_names` are the linears whose weight (full) or LoRA (rank > 0) trains: those save their input."""
     h, i, nh = shape.hidden, shape.intermediate, shape.heads
     kv = shape.kv_heads * (h // nh)
-    per_tok = 2 * (h * LN_AUTOCAST_BYTES + 2 * 4)   # 2 LayerNorms: fp32 copy of the input + mean, rstd
-    for name in train_names:                           # bf16 input of each trained linear (autocast casts the
-        fin = shape.linears()[name][0]                 # fp32 LayerNorm output once per module) + LoRA's x @ A
+    per_tok = 2 * (h * LN_SAVED_BYTES + 2 * 4)        # 2 LayerNorms: their input + mean, rstd (fp32)
+    for name in train_names:                           # bf16 input of each trained linear (counted per module,
+        fin = shape.linears()[name][0]                 # though q, k, v share one tensor) + LoRA's x @ A
         per_tok += 2 * fin + 2 * rank
     per_tok += 2 * (h + 2 * kv) + 2 * h + 4 * nh      # SDPA: rotated q, k, v, its output, logsumexp
     per_tok += 3 * 2 * i                               # MLP: gate (silu input), silu(gate), up (mul inputs)
