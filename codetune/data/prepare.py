@@ -19,11 +19,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from codetune.atomic import replace_dir
 from codetune.config import ConfigError, DataConfig, ModelConfig
 from codetune.data import filters, languages, pipeline
 from codetune.data.decontam import Decontaminator
 from codetune.data.fim import check_fim_tokens
-from codetune.data.shards import Packer, ShardWriter, replace_dir
+from codetune.data.shards import Packer, ShardWriter
 from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of
 from codetune.data.stats import Stats
 from codetune.model.tokenizer import cache_root, load_tokenizer, tokenizer_fingerprint

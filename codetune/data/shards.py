@@ -16,13 +16,14 @@ unrelated files follow each other.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from codetune.atomic import replace_dir
 
 IGNORE = -100
 
@@ -71,17 +72,6 @@ class ShardWriter:
         for f in (self._tok, self._starts):
             f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Swap a finished folder into place; the old one is removed only after the new one is there."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class Packer:

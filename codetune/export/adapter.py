@@ -17,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from codetune.atomic import replace_dir
 from codetune.model.load import RUN_INFO
 
 FULL_WEIGHTS = "trained_weights.safetensors"
@@ -26,17 +27,6 @@ def trained_state_dict(model) -> dict:
     """The tensors that training changed (requires_grad), under the base model's own parameter names,
     which is what load_tuned's `load_state_dict(strict=False)` expects."""
     return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a finished `tmp` to `out_dir`; an older `out_dir` is set aside first and deleted only after."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(model, tokenizer, info: dict, out_dir: Path) -> Path:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from codetune.atomic import replace_dir
 from codetune.config import ConfigError, ModelConfig
-from codetune.export.adapter import replace_dir
 from codetune.export.card import find_eval_results, model_card
 from codetune.export.generate import pick_device
 from codetune.model.load import RUN_INFO

@@ -152,10 +152,9 @@ def load_tuned(adapter_dir: str | Path, device: torch.device, precision: str | N
     import dataclasses
 
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
     from codetune.model.tokenizer import ensure_special_tokens
-
-    from transformers import AutoTokenizer
 
     info = read_run_info(adapter_dir)
     base_cfg = model_cfg or ModelConfig(**info["model"])

@@ -12,7 +12,6 @@ checkpoints/step-000120/
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from codetune.atomic import replace_dir
 from codetune.config import ConfigError
 
 # settings that change what the trainable tensors mean; anything else (lr, steps, eval cadence) may change
@@ -74,9 +74,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_
         if write_adapter is not None:
             write_adapter(tmp / "adapter")
         final = root / f"step-{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

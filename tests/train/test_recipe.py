@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -35,6 +34,7 @@ def test_train_learns_checkpoints_and_saves_adapter(tiny_data, tmp_path):
     assert (adapter / "adapter_config.json").exists() and (adapter / "codetune.json").exists()
     assert (out / "loss.png").exists() and json.loads((out / "summary.json").read_text())["steps"] == 40
     from peft import PeftModel  # the adapter loads with plain PEFT
+
     from codetune.model.load import load_tuned
 
     model, tok, info = load_tuned(adapter, __import__("torch").device("cpu"))
