@@ -58,9 +58,10 @@ def random_init_checkpoint(name: str, vocab_size: int | None = None, seed: int =
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # else the 5 GB init copy stays reserved and skews memory readings
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)  # atomic; same seed gives the same weights, so whoever lands first wins
+    except OSError:  # another process of a multi-GPU run got there first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

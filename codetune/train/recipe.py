@@ -126,7 +126,8 @@ def setup(cfgs: dict) -> Run:
     precision = resolve_precision(mcfg, device)
     mcfg = dataclasses.replace(mcfg, precision=precision)
     cfgs = {**cfgs, "model": mcfg}
-    model, offloader = build_model(cfgs, device, padded_vocab(tokenizer) if mcfg.random_init else None)
+    with accelerator.main_process_first():  # one process builds/caches a random-init checkpoint, then all load
+        model, offloader = build_model(cfgs, device, padded_vocab(tokenizer) if mcfg.random_init else None)
     check_vocab(model, tokenizer)
     trainable, total = count_parameters(model)
 
