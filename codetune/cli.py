@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"codetune {ns.command}: configuration error: {e}", file=sys.stderr)
         return 2
     except (ImportError, AttributeError) as e:
-        print(f"codetune {ns.command}: not available yet ({e}). It is planned; see the README's command table.",
-              file=sys.stderr)
+        print(f"codetune {ns.command}: cannot start ({type(e).__name__}: {e}). A missing package usually means an "
+              "optional extra: pip install -e '.[gpu]' (bitsandbytes) or '.[serve]' (fastapi, uvicorn).", file=sys.stderr)
         return 2
     try:
         return int(fn(cfgs, ns) or 0)
