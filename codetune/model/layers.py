@@ -141,7 +141,10 @@ class LayerRunner:
     def __init__(self, layer, idx: int, checkpoint: bool, offloader: ActivationOffloader | None,
                  prev_idx: int | None):
         self.layer, self.idx = layer, idx
-        self.original = type(layer).forward.__get__(layer)
+        # the instance's current forward: an Accelerate dispatch hook (weights offloaded to CPU) if one is
+        # installed, so weights still arrive on the GPU before the layer runs
+        self.original = layer.forward
+        self.hooked = "forward" in layer.__dict__
         self.checkpoint, self.offloader, self.prev_idx = checkpoint, offloader, prev_idx
         self.trainable = _has_trainable(layer)
         self.replay_rng = _stochastic(layer)
@@ -198,5 +201,8 @@ def install_layer_runners(model, checkpoint: bool = True, offload: bool = False)
 
 def uninstall_layer_runners(model) -> None:
     for layer in decoder_layers(model):
-        if isinstance(layer.__dict__.get("forward"), LayerRunner):
+        runner = layer.__dict__.get("forward")
+        if isinstance(runner, LayerRunner):
             del layer.forward
+            if runner.hooked:  # put back the dispatch hook we wrapped
+                layer.forward = runner.original

@@ -84,7 +84,9 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     model = apply_adapters(model, acfg, seed=tcfg.seed)
     model.train()  # transformers only checkpoints in train mode; our layer runners key on it too
     offload = tcfg.offload_activations == "on" or (tcfg.offload_activations == "auto" and device.type == "cuda")
-    if tcfg.fast_lora and acfg.method == "lora":
+    offloaded = any(str(d) in ("cpu", "disk") for d in (getattr(model, "hf_device_map", None) or {}).values())
+    if tcfg.fast_lora and acfg.method == "lora" and not offloaded:
+        # (with weights offloaded to CPU, Accelerate's hooks must move each weight in: PEFT's forward does that)
         install_fast_lora(model, compute_dtype(device))
     offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload)
     return model, offloader
