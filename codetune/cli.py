@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from codetune import __version__
 from codetune.config import ConfigError, add_section_flags, from_args
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # PEFT asks transformers a deprecated question on every model it wraps; the answer is right, the
+    # warning is noise to a user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not ns.command:

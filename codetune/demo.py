@@ -42,6 +42,9 @@ def run(cfgs: dict, ns) -> int:
     from codetune.export.merge import merge_adapter
     from codetune.train.recipe import main as train_main
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the demo has its own narration; per-file loading bars are noise
     t0 = time.time()
     out = Path(ns.out)
     fresh_dir(out)
