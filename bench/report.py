@@ -35,6 +35,8 @@ def table(results: list[dict]) -> list[str]:
            "| vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["quant"], r.get("last_layers", 0), r["seq"])):
         name = f"{r['quant']}, {r['seq'] // 1024}k" + (f", last {r['last_layers']} layers" if r.get("last_layers") else "")
+        if r.get("offload") not in (None, "auto"):
+            name += f", offload {r['offload']}"
         if r.get("max_vram"):
             name += f" (--max-vram {r['max_vram']})"
         cells = [name, f"{r['tokens_per_s']:,.0f}", f"{r['peak_reserved_gib']:.2f}"]
