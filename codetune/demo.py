@@ -37,12 +37,12 @@ def fresh_dir(out: Path) -> None:
 
 
 def run(cfgs: dict, ns) -> int:
+    from transformers.utils import logging as hf_logging
+
     from codetune.data.prepare import prepare
     from codetune.export.generate import complete
     from codetune.export.merge import merge_adapter
     from codetune.train.recipe import main as train_main
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the demo has its own narration; per-file loading bars are noise
     t0 = time.time()

@@ -95,10 +95,9 @@ class FastLoRAForward:
     """Replaces one PEFT LoRA layer's forward (instance attribute). Falls back to PEFT's own forward
     whenever the fast path would not be exact (adapter disabled/merged, several adapters, dropout)."""
 
-    def __init__(self, module, compute_dtype: torch.dtype):
+    def __init__(self, module):
         self.m = module
         self.original = type(module).forward.__get__(module)
-        self.dtype = compute_dtype
         self.weight = weight_source(module.base_layer)
 
     def __call__(self, x, *args, **kwargs):
@@ -106,14 +105,14 @@ class FastLoRAForward:
         if args or kwargs or getattr(m, "disable_adapters", False) or not _fast_eligible(m):
             return self.original(x, *args, **kwargs)
         name = m.active_adapters[0]
+        # the compute dtype: autocast's when it is on (fp16 GPUs), else the activations' own (bf16, or fp32
+        # when the user asked for fp32 weights)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if dtype == torch.float32 and self.dtype != torch.float32 and x.device.type == "cuda":
-            dtype = self.dtype
         return _LoRALinear.apply(x, self.weight, m.base_layer.bias, m.lora_A[name].weight,
                                  m.lora_B[name].weight, float(m.scaling[name]), dtype)
 
 
-def install_fast_lora(model, compute_dtype: torch.dtype) -> int:
+def install_fast_lora(model) -> int:
     """Swap the forward of every eligible PEFT LoRA linear; returns how many were swapped."""
     n = 0
     for module in model.modules():
@@ -122,7 +121,7 @@ def install_fast_lora(model, compute_dtype: torch.dtype) -> int:
                 continue
             if not _fast_eligible(module):
                 continue
-            module.forward = FastLoRAForward(module, compute_dtype)
+            module.forward = FastLoRAForward(module)
             n += 1
     return n
 

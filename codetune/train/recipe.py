@@ -76,7 +76,7 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine."""
     from codetune.model.adapters import apply_adapters
     from codetune.model.layers import install_layer_runners
-    from codetune.model.load import compute_dtype, load_model
+    from codetune.model.load import load_model
     from codetune.model.lora_fast import install_fast_lora
 
     mcfg, acfg, tcfg = cfgs["model"], cfgs["adapter"], cfgs["train"]
@@ -87,7 +87,7 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     offloaded = any(str(d) in ("cpu", "disk") for d in (getattr(model, "hf_device_map", None) or {}).values())
     if tcfg.fast_lora and acfg.method == "lora" and not offloaded:
         # (with weights offloaded to CPU, Accelerate's hooks must move each weight in: PEFT's forward does that)
-        install_fast_lora(model, compute_dtype(device))
+        install_fast_lora(model)
     offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload)
     return model, offloader
 

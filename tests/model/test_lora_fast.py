@@ -46,7 +46,7 @@ def test_fast_lora_equals_peft(base):
         return y.detach(), g
 
     y_ref, g_ref = run()
-    assert install_fast_lora(m, torch.float32) == 2
+    assert install_fast_lora(m) == 2
     y, g = run()
     uninstall_fast_lora(m)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -56,12 +56,12 @@ def test_fast_lora_equals_peft(base):
 
 def test_fast_lora_steps_aside_for_dropout_and_disabled_adapters():
     m = get_peft_model(Two(lambda o, i: torch.nn.Linear(i, o)), LoraConfig(r=4, target_modules=["up"], lora_dropout=0.1))
-    assert install_fast_lora(m, torch.float32) == 0  # dropout: PEFT's forward keeps the exact semantics
+    assert install_fast_lora(m) == 0  # dropout: PEFT's forward keeps the exact semantics
     m = get_peft_model(Two(lambda o, i: torch.nn.Linear(i, o)), LoraConfig(r=4, target_modules=["up"]))
     for n, p in m.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
-    install_fast_lora(m, torch.float32)
+    install_fast_lora(m)
     x = torch.randn(3, 64)
     with m.disable_adapter():
         base = m(x)
