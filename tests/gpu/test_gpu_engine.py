@@ -139,3 +139,28 @@ def test_nf4_training_steps_on_cuda_reduce_loss(tmp_path):
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert sum(losses[-5:]) < sum(losses[:5])
     assert (out / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("extra", [["--optimizer", "paged_adamw_8bit"],
+                                   ["--weights-max-vram", "2MiB", "--precision", "bf16"],
+                                   ["--weights-max-vram", "2MiB", "--precision", "nf4"]])
+def test_gpu_only_options_train(tmp_path, extra):
+    """Options that only exist on a GPU: bitsandbytes' paged 8-bit AdamW, and weights placed partly in CPU
+    RAM by Accelerate (a 2 MiB cap pushes most of the tiny model's layers off the GPU)."""
+    import math
+    import sysconfig
+    from pathlib import Path
+
+    from codetune.cli import main
+    from codetune.train.metrics import read_metrics
+
+    data = tmp_path / "data"
+    _tiny_shards(data, Path(sysconfig.get_paths()["stdlib"]))
+    out = tmp_path / "run"
+    args = ["train", "--random-init", "--data-dir", str(data), "--seq-len", "256", "--out-dir", str(out),
+            "--steps", "6", "--batch-size", "2", "--no-progress", "--eval-every", "0"]
+    if "--precision" not in extra:
+        args += ["--precision", "nf4"]
+    assert main(args + extra) == 0
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
