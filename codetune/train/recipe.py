@@ -8,6 +8,7 @@ bug transformers had). Multi-GPU runs go through Accelerate (`accelerate launch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -204,7 +205,7 @@ def train_step(run: Run, step: int) -> dict:
     loss_sum = 0.0
     for i, b in enumerate(micro):
         b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
-        ctx = acc.no_sync(run.loss_fn) if (acc.num_processes > 1 and i < len(micro) - 1) else _null()
+        ctx = acc.no_sync(run.loss_fn) if (acc.num_processes > 1 and i < len(micro) - 1) else contextlib.nullcontext()
         with ctx, acc.autocast():
             s = run.loss_fn(b["input_ids"], b["position_ids"], b["labels"])
         acc.backward(s * scale)
@@ -223,14 +224,6 @@ def train_step(run: Run, step: int) -> dict:
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def fit(run: Run) -> dict:
