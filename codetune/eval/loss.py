@@ -9,12 +9,8 @@ import math
 import torch
 
 from codetune.data.shards import IGNORE, PackedDataset, read_manifest
+from codetune.model.adapters import causal_lm
 from codetune.train.loss import linear_cross_entropy
-
-
-def causal_lm(model):
-    """The transformers causal LM inside a PEFT wrapper (LoRA layers stay active in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def check_tokenizer(data_dir, tok) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from codetune import registry
 from codetune.config import ConfigError, ModelConfig, to_dict
+from codetune.model.load import pick_device
 
 CLI_FLAGS = [
     (("--train-metrics",), dict(metavar="JSONL", default=None,
@@ -28,10 +29,6 @@ CLI_FLAGS = [
 
 def log(msg: str) -> None:
     print(f"[eval] {msg}", file=sys.stderr, flush=True)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def base_tokenizer(model_cfg: ModelConfig, data_dir: str):
@@ -143,7 +140,7 @@ def run(cfgs: dict, ns) -> int:
                           "--suites humaneval / --fim-source DIR")
     out_dir = Path(ecfg.eval_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device()
+    device = pick_device("auto")
     t0 = time.perf_counter()
     info = None
     if ecfg.adapter_path:

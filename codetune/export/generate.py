@@ -16,6 +16,7 @@ import torch
 
 from codetune.config import ConfigError, ModelConfig
 from codetune.export.sampling import SamplingParams, fim_ids, generate_text, max_context, prompt_ids
+from codetune.model.load import pick_device
 
 CLI_FLAGS = [
     (("--adapter",), dict(metavar="DIR", help="adapter directory from `codetune train`; without it the base "
@@ -33,15 +34,6 @@ CLI_FLAGS = [
     (("--seed",), dict(type=int, default=None, help="sampling seed, for repeatable samples")),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
 ]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    return dev
 
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torch.device,

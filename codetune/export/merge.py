@@ -21,8 +21,7 @@ import torch
 from codetune.atomic import replace_dir
 from codetune.config import ConfigError, ModelConfig
 from codetune.export.card import find_eval_results, model_card
-from codetune.export.generate import pick_device
-from codetune.model.load import RUN_INFO
+from codetune.model.load import RUN_INFO, pick_device
 
 CLI_FLAGS = [
     (("--adapter",), dict(required=True, metavar="DIR", help="adapter directory saved by `codetune train` "

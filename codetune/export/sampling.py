@@ -93,7 +93,9 @@ def _processors(params: SamplingParams):
 def _cache_kwarg(model) -> str:
     """transformers is renaming `past_key_values` to `cache` (deprecated in 5.2x); use the name this
     version's forward declares, so the loop runs on older and newer releases without warnings."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from codetune.model.adapters import causal_lm
+
+    base = causal_lm(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

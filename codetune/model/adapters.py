@@ -58,6 +58,11 @@ def apply_adapters(model, cfg: AdapterConfig, seed: int = 0):
     return get_peft_model(model, lcfg)
 
 
+def causal_lm(model):
+    """The transformers causal LM inside a PEFT wrapper (its LoRA layers stay active in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

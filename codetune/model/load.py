@@ -26,6 +26,16 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """--device: auto = the GPU if there is one, else the CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
 def resolve_precision(cfg: ModelConfig, device: torch.device) -> str:
     if cfg.precision != "auto":
         if cfg.precision in ("nf4", "int8") and device.type != "cuda":

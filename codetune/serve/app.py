@@ -220,7 +220,8 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     except ImportError:
         print("codetune serve needs FastAPI and uvicorn: pip install 'codetune[serve]'", file=sys.stderr)
         return 2
-    from codetune.export.generate import load_for_inference, pick_device
+    from codetune.export.generate import load_for_inference
+    from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
 
     for flag in ("max_tokens_limit", "max_choices", "max_pending", "max_body_bytes"):

@@ -30,13 +30,11 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def causal_lm(self):
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
     def forward(self, input_ids, position_ids, labels):
+        from codetune.model.adapters import causal_lm
         from codetune.train.loss import linear_cross_entropy
 
-        lm = self.causal_lm()
+        lm = causal_lm(self.model)
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
         return linear_cross_entropy(hidden, lm.lm_head.weight, labels)
 
