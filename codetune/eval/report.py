@@ -4,10 +4,11 @@ curves when its metrics file is found). Files are written to temporary names and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
+
+from codetune.train.metrics import read_metrics
 
 PUBLISHED_PASS1 = 0.324  # stable-code-3b's published HumanEval (Python) pass@1
 
@@ -105,21 +106,6 @@ def bar_chart(by_model: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def read_train_metrics(path: Path) -> list[dict]:
-    """Rows of a training run's JSONL metrics file (one JSON object per line, with a 'step')."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(r, dict) and "step" in r:
-                rows.append(r)
-    return rows
-
-
 def loss_chart(metrics_path: Path, path: Path) -> bool:
     """Every numeric '*loss*' series of the training metrics against the step."""
     import matplotlib
@@ -127,7 +113,7 @@ def loss_chart(metrics_path: Path, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_train_metrics(metrics_path)
+    rows = read_metrics(metrics_path)
     keys = sorted({k for r in rows for k, v in r.items() if "loss" in k and isinstance(v, (int, float))})
     if not keys:
         return False

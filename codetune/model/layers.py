@@ -18,6 +18,8 @@ transformers skips its own checkpointing when the model is not in train() mode; 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 
@@ -121,16 +123,15 @@ class _CheckpointedLayer(torch.autograd.Function):
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
-        if ctx.cpu_rng is None:
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                out = ctx.fn(hidden)
-        else:
-            with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []):
+        replay = ctx.cpu_rng is not None  # only layers with dropout draw random numbers
+        rng = torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []) if replay else nullcontext()
+        with rng:
+            if replay:
                 torch.set_rng_state(ctx.cpu_rng)
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
-                with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                    out = ctx.fn(hidden)
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                out = ctx.fn(hidden)
         torch.autograd.backward(out, grad_out)
         return hidden.grad, None, None, None, None, None
 

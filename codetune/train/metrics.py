@@ -16,8 +16,8 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if tensorboard:
@@ -44,7 +44,17 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The rows of a metrics.jsonl. A line a killed run left half-written is skipped, not fatal: resume
+    and the eval report both read files that SIGKILL may have cut."""
+    rows = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            r = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "step" in r:
+            rows.append(r)
+    return rows
 
 
 def plot_losses(metrics_path: Path, png: Path) -> Path | None:

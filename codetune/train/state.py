@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from codetune.atomic import replace_dir
 from codetune.config import ConfigError
+from codetune.export.adapter import trained_state_dict
 
 # settings that change what the trainable tensors mean; anything else (lr, steps, eval cadence) may change
 MUST_MATCH = {"model": ["model", "precision"], "adapter": ["method", "targets", "rank", "alpha", "rslora", "dora",
@@ -56,17 +57,13 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_pos: dict, run_cfg: dict,
                     keep_last: int, write_adapter=None) -> Path:
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trained_state_dict(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_pos, "rng": rng_state()},
                    tmp / "state.pt")

@@ -92,3 +92,13 @@ def test_unknown_lora_module_is_refused(tiny_data, tmp_path):
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="codetune prepare"):
         _train(tmp_path / "nothing", tmp_path / "r", "--steps", "1")
+
+
+def test_resume_survives_a_half_written_metrics_line(tiny_data, tmp_path):
+    """SIGKILL can cut metrics.jsonl mid-line; resume drops the torn line instead of crashing on it."""
+    out = tmp_path / "run"
+    assert _train(tiny_data, out, "--steps", "4", "--save-every", "2", "--eval-every", "0") == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.1')  # torn write
+    assert _train(tiny_data, out, "--steps", "6", "--resume", "--eval-every", "0") == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5, 6]
