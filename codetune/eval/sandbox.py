@@ -111,6 +111,8 @@ def _describe(rc: int | None, output: str, timed_out: bool) -> tuple[str, str]:
     if rc == EXEC_FAILED:
         return "sandbox_error", output.strip().splitlines()[-1] if output.strip() else "could not start"
     sig = -rc if rc < 0 else rc - 128 if rc > 128 else None
+    if sig == signal.SIGXCPU:  # the CPU-time limit equals the wall timeout: whichever fires first, it's a timeout
+        return "timeout", "CPU-time limit"
     if sig:
         try:
             return "failed", f"killed by {signal.Signals(sig).name}"
