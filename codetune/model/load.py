@@ -48,7 +48,7 @@ def resolve_precision(cfg: ModelConfig, device: torch.device) -> str:
 def random_init_checkpoint(name: str, vocab_size: int | None = None, seed: int = 0,
                            device: torch.device | None = None) -> Path:
     """Build `name` with random weights (deterministic in `seed`) and save it once; return its directory."""
-    from transformers import StableLmForCausalLM
+    from transformers import AutoModelForCausalLM
 
     spec = registry.lookup(name)
     if spec is None:
@@ -60,8 +60,8 @@ def random_init_checkpoint(name: str, vocab_size: int | None = None, seed: int =
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = StableLmForCausalLM(config).to(dtype)
+    with torch.device(device):  # built in its final dtype: an fp32 copy of the 3B shape is 11 GB, over a 10 GB cap
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     del model
