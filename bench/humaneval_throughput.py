@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,7 +88,13 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats = GenStats()
-    completions = generate(model, tok, prompts, settings, stats)
+    t0, done = time.perf_counter(), [0]
+
+    def progress(n: int) -> None:  # per batch, so a run cut short still shows its pace
+        done[0] += n
+        print(f"{done[0]}/{len(prompts)} samples, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    completions = generate(model, tok, prompts, settings, stats, progress=progress)
     result = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})",
         "model": a.model, "precision": cfg.precision if a.precision != "auto" else ("nf4" if device.type == "cuda" else "fp32"),

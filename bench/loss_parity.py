@@ -96,15 +96,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--reference", help="JSON with an earlier HF curve ({'loss_parity': {'hf': [...]}}) measured "
+                                        "by this script on the same GPU model: skips re-running the slow peer")
     a = ap.parse_args()
     sys.path.insert(0, a.peers)
-    import peer_qlora_baseline as peer
 
     batches = code_batches(a.tokenizer, a.seq, a.steps)
     ours = run_codetune(batches, a.lr)  # builds the shared random-init checkpoint the peer then loads
-    theirs = run_hf(peer, batches, a.lr)
+    if a.reference:
+        ref = json.loads(Path(a.reference).read_text())["loss_parity"]
+        if (ref["steps"], ref["seq"]) != (a.steps, a.seq):
+            raise SystemExit(f"--reference has steps={ref['steps']} seq={ref['seq']}, not {a.steps}/{a.seq}")
+        theirs = ref["hf"]
+    else:
+        import peer_qlora_baseline as peer
+
+        theirs = run_hf(peer, batches, a.lr)
     rel = [abs(x - y) / abs(y) for x, y in zip(ours, theirs)]
-    print(json.dumps({"check": "loss-parity", "steps": a.steps, "seq": a.seq, "max_rel_diff": max(rel),
+    print(json.dumps({"check": "loss-parity", "steps": a.steps, "seq": a.seq, "hf_from": a.reference or "this run",
+                      "max_rel_diff": max(rel),
                       "mean_rel_diff": sum(rel) / len(rel), "codetune": ours, "hf": theirs}))
 
 

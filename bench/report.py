@@ -20,7 +20,14 @@ def load(results_dir: Path) -> tuple[dict, list[dict]]:
             rows.append(json.loads(ln))
         except json.JSONDecodeError:  # a job that printed multi-line JSON: its one-line summary follows
             continue
-    return env, [r["result"] for r in rows if r["result"] and "error" not in r["result"]]
+    out = []
+    for r in rows:
+        res = r["result"]
+        if res and "error" not in res:
+            if "CODETUNE_NF4_DEQUANT=bitsandbytes" in r.get("job", ""):
+                res = dict(res, dequant="bitsandbytes")
+            out.append(res)
+    return env, out
 
 
 def key(r: dict) -> tuple:
@@ -35,6 +42,10 @@ def table(results: list[dict]) -> list[str]:
            "| vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["quant"], r.get("last_layers", 0), r["seq"])):
         name = f"{r['quant']}, {r['seq'] // 1024}k" + (f", last {r['last_layers']} layers" if r.get("last_layers") else "")
+        if r.get("fast_layers") is False:
+            name += ", fused layers off"
+        if r.get("dequant"):
+            name += f", {r['dequant']} dequant"
         if r.get("offload") not in (None, "auto"):
             name += f", offload {r['offload']}"
         if r.get("max_vram"):

@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--loss-steps", type=int, default=0, help="run N steps and print the loss curve instead")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-fast-lora", action="store_true")
+    ap.add_argument("--no-fast-layers", action="store_true")
     a = ap.parse_args()
 
     from transformers import PreTrainedTokenizerFast
@@ -95,7 +96,7 @@ def main() -> None:
              "data.seq_len": max(a.seq), "train.max_vram": a.max_vram, "train.lr": a.lr, "train.warmup_steps": 0,
              "train.schedule": "constant", "train.max_grad_norm": 0.0, "train.offload_activations": a.offload,
              "train.grad_checkpointing": not a.no_checkpointing, "train.steps": max(a.loss_steps, 1),
-             "train.fast_lora": not a.no_fast_lora}
+             "train.fast_lora": not a.no_fast_lora, "train.fast_layers": not a.no_fast_layers}
     cfgs = build(["model", "adapter", "data", "train"], flags=flags)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from codetune.train.memory import cap_vram
@@ -135,7 +136,7 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
     res = {"engine": "codetune", "quant": a.quant, "seq": seq, "rank": a.rank, "last_layers": a.last_layers,
-           "fast_lora": not a.no_fast_lora, "offload": a.offload, "max_vram": a.max_vram,
+           "fast_lora": not a.no_fast_lora, "fast_layers": not a.no_fast_layers, "offload": a.offload, "max_vram": a.max_vram,
            "trainable_params": trainable, "tokens_per_s": round(seq / step_s, 1)}
     if device.type == "cuda":
         res.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),

@@ -179,6 +179,8 @@ class TrainConfig:
                                    ("auto", "on", "off"))
     max_vram: str | None = opt(None, "cap this process's GPU memory, e.g. 10GiB to emulate a 10 GB card")
     fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward")
+    fast_layers: bool = opt(True, "fused decoder-layer forward (q/k/v + rotary and gate/up + SwiGLU as one node each) "
+                                  "where exact; off = transformers' layer forward")
     eval_every: int = opt(100, "validate every N steps; 0 disables")
     eval_batches: int = opt(20, "validation batches per evaluation")
     early_stopping: int = opt(0, "stop after N evaluations without improvement; 0 disables")

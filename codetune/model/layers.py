@@ -1,6 +1,7 @@
-"""How each decoder layer runs in training — the ONE place where codetune changes a transformers model's
-behaviour. It swaps the `forward` of each decoder-layer instance (never a library class) for a runner
-that picks one of three modes:
+"""How each decoder layer runs in training — the ONE place where codetune changes how a transformers
+model's layers run. It swaps the `forward` of each decoder-layer instance (never a library class) for a
+runner. In training the runner computes the layer with model/fast_layer.py's fused forward where that is
+exact (else transformers' own forward), in one of three modes:
 
 * frozen prefix (no trainable parameter in the layer and no gradient flowing in): run under
   `torch.no_grad()` — no autograd graph, nothing stored. This is what makes `--train-layers last:N`
@@ -13,7 +14,8 @@ that picks one of three modes:
 
 transformers skips its own checkpointing when the model is not in train() mode; ours keys on
 `torch.is_grad_enabled()` and the layer's `training` flag the same way, and the trainer calls
-`model.train()` explicitly.
+`model.train()` explicitly. (The other instance-level swap, of PEFT LoRA linears, is model/lora_fast.py's
+`install_fast_lora`, called from the same place in train/recipe.py.)
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ class LayerRunner:
     """Replaces one decoder layer's forward (instance attribute, see module docstring)."""
 
     def __init__(self, layer, idx: int, checkpoint: bool, offloader: ActivationOffloader | None,
-                 prev_idx: int | None):
+                 prev_idx: int | None, fast: bool = True):
+        from codetune.model.fast_layer import fast_forward
+
         self.layer, self.idx = layer, idx
         # the instance's current forward: an Accelerate dispatch hook (weights offloaded to CPU) if one is
         # installed, so weights still arrive on the GPU before the layer runs
@@ -149,26 +153,33 @@ class LayerRunner:
         self.checkpoint, self.offloader, self.prev_idx = checkpoint, offloader, prev_idx
         self.trainable = _has_trainable(layer)
         self.replay_rng = _stochastic(layer)
+        self.fast = fast_forward(layer) if (fast and not self.hooked) else None
+
+    def _forward(self, args, kwargs):
+        """The layer's training forward: the fused one while its adapters stay on the fast path."""
+        parts = self.fast.parts() if (self.fast is not None and not args) else None
+        if parts is None or kwargs.get("position_embeddings") is None:
+            return lambda h: self.original(h, *args, **kwargs)
+        return lambda h: self.fast(h, parts=parts, **kwargs)
 
     def __call__(self, hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and self.layer.training):
             return self.original(hidden_states, *args, **kwargs)
-        if not self.trainable and not hidden_states.requires_grad:
-            with torch.no_grad():  # frozen prefix: forward only
-                return self.original(hidden_states, *args, **kwargs)
-        if not self.checkpoint:
-            return self.original(hidden_states, *args, **kwargs)
+        # training never reads a KV cache; dropping it keeps the recompute identical to the forward
         kwargs.pop("use_cache", None)
         for key in ("cache", "past_key_values", "past_key_value"):
             kwargs.pop(key, None)
+        fn = self._forward(args, kwargs)
+        if not self.trainable and not hidden_states.requires_grad:
+            with torch.no_grad():  # frozen prefix: forward only
+                return fn(hidden_states)
+        if not self.checkpoint:
+            return fn(hidden_states)
 
         if not hidden_states.requires_grad:
             # first trainable layer after frozen ones: autograd only calls our backward (and so reaches the
             # LoRA weights inside) when an input requires grad
             hidden_states = hidden_states.detach().requires_grad_(True)
-
-        def fn(h):
-            return self.original(h, *args, **kwargs)
 
         out = _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx, self.replay_rng)
         return out
@@ -185,15 +196,16 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return m.layers
 
 
-def install_layer_runners(model, checkpoint: bool = True, offload: bool = False) -> ActivationOffloader | None:
+def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
+                          fast: bool = True) -> ActivationOffloader | None:
     """Swap every decoder layer's forward for a LayerRunner. Call after adapters/freezing are applied
-    (trainability is read once here). Returns the offloader, if any."""
+    (trainability is read once here). `fast`: use model/fast_layer.py where exact. Returns the offloader."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     offloader = ActivationOffloader(device) if (checkpoint and offload) else None
     prev = None
     for i, layer in enumerate(layers):
-        runner = LayerRunner(layer, i, checkpoint, offloader, prev)
+        runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast)
         layer.forward = runner
         if runner.trainable or prev is not None:
             prev = i

@@ -1,30 +1,40 @@
-"""One autograd function for a LoRA linear layer over a frozen base weight (bf16, NF4 or int8):
+"""One autograd node for one or several frozen linears (bf16, NF4 or int8) that read the same input,
+each with an optional LoRA adapter, followed by an optional epilogue:
 
-    y = x W^T + s (x A^T) B^T
+    y = x [W_1; ...; W_n]^T + [s_i (x A_i^T) B_i^T]_i          then  none | rotary(q, k) | silu(g) * u
 
 Why not PEFT's forward: PEFT runs the base layer (bitsandbytes' own autograd function), clones its
 output, casts the input to fp32 for the adapter, and runs two more autograd nodes — each a kernel
-launch and a saved tensor. Here the quantized weight is dequantized straight to the compute dtype,
-the adapter is added in place with one addmm, and backward needs only x and the rank-r product xA^T
-(the base weight is dequantized again instead of stored: it's 2-3x smaller than x at 4k tokens and
-free to rebuild). The adapter tensors stay PEFT's own parameters, so saving/loading is unchanged.
+launch and a saved tensor. Here the quantized weights are dequantized straight to the compute dtype
+into one concatenated matrix (q/k/v: one matmul instead of three; gate/up: one instead of two), the
+adapters are added in place, and backward needs only x and the rank-r products x A_i^T (the base
+weights are dequantized again instead of stored: they are 2-3x smaller than x at 4k tokens and free
+to rebuild). The 4k training step was measured CPU-bound on launches and Python calls, which is why
+the epilogues (partial rotary embedding of q and k, SwiGLU) live in the same node.
 
-Used only where it is exact: one active adapter, no dropout, no DoRA, not merged. Anything else
-keeps PEFT's forward.
+The adapter tensors stay PEFT's own parameters, so saving/loading is unchanged. Used only where it is
+exact: one active adapter, no dropout, no DoRA, not merged. Anything else keeps PEFT's forward.
 """
 
 from __future__ import annotations
 
 import torch
 
+from codetune.model.rotary_kernel import STATUS, rotary_triton
+from codetune.model.swiglu import swiglu_backward, swiglu_forward
+
 
 def weight_source(base: torch.nn.Module):
-    """A function dtype -> the base layer's weight as a dense (out, in) tensor."""
+    """A function (dtype, out=None) -> the base layer's weight as a dense (out, in) tensor."""
     if type(base.weight).__name__ == "Params4bit":
         from codetune.model.nf4 import Nf4Weight
 
         return Nf4Weight(base.weight)
-    return lambda dtype: dequantized_weight(base, dtype)
+
+    def dense(dtype, out=None):
+        w = dequantized_weight(base, dtype)
+        return w if out is None else out.copy_(w)
+    return dense
 
 
 def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -42,42 +52,233 @@ def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     return w.to(dtype)
 
 
-class _LoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, wfn, bias, A, B, scale, dtype):
-        in_dtype = x.dtype
-        x = x.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            w = wfn(dtype)
-            x2 = x.reshape(-1, x.shape[-1])
-            xa = x2 @ A.to(dtype).t()
-            y = torch.addmm(x2 @ w.t(), xa, B.to(dtype).t(), alpha=scale)
-            del w
-            if bias is not None:
-                y += bias.to(dtype)
-        ctx.save_for_backward(x2, xa, A, B)
-        ctx.wfn, ctx.scale, ctx.dtype, ctx.in_dtype, ctx.shape = wfn, scale, dtype, in_dtype, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+# Bumped after every optimizer step (train/optim.py registers `adapters_changed` as a step hook): fused
+# optimizers (torch's fused AdamW, bitsandbytes' paged 8-bit) update parameters in place WITHOUT bumping
+# their version counters, so `_version` alone would keep serving the adapters of step 0 (measured: a
+# loss curve that never moved). Both are checked.
+_EPOCH = [0]
+
+
+def adapters_changed(*_args) -> None:
+    """Invalidate every cached compute-dtype copy of the adapters (an optimizer step hook)."""
+    _EPOCH[0] += 1
+
+
+class Projections:
+    """The frozen part of a fused node: n weight sources, their output sizes and (frozen) biases."""
+
+    def __init__(self, bases: list[torch.nn.Module]):
+        self.bases = bases
+        self.sources = [weight_source(b) for b in bases]
+        self.sizes = [int(b.out_features) for b in bases]
+        self.in_features = int(bases[0].in_features)
+        self._cache_key, self._cache = None, None
+
+    def weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if len(self.sources) == 1:
+            return self.sources[0](dtype)
+        w = torch.empty(sum(self.sizes), self.in_features, dtype=dtype, device=device)
+        row = 0
+        for src, n in zip(self.sources, self.sizes):
+            src(dtype, out=w[row:row + n])  # row blocks of a contiguous matrix are contiguous
+            row += n
+        return w
+
+    def adapters(self, As, Bs, lora: list[int], dtype: torch.dtype):
+        """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until the
+        optimizer (or a checkpoint load) changes a tensor in place — each cast and the concatenation
+        is a kernel launch, and the node runs three times per step (forward, recompute, backward)."""
+        key = (dtype, _EPOCH[0]) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
+        if self._cache_key != key:
+            a = torch.cat([As[i] for i in lora]) if len(lora) > 1 else As[lora[0]]
+            self._cache = (a.to(dtype), [Bs[i].to(dtype) for i in lora])
+            self._cache_key = key
+        return self._cache
+
+    def bias(self, dtype: torch.dtype):
+        bs = [b.bias for b in self.bases]
+        if all(b is None for b in bs):
+            return None
+        return torch.cat([(b if b is not None else torch.zeros(n, device=self.bases[0].weight.device)).to(dtype)
+                          for b, n in zip(bs, self.sizes)])
+
+
+class Rotary:
+    """Partial rotary embedding of q and k, applied in place on the fused q|k|v output (transformers'
+    `q*cos + rotate_half(q)*sin` on the first `rot` dims of each head, same rounding, op for op).
+    On CUDA one Triton launch (model/rotary_kernel.py) replaces the eight strided elementwise ops."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, rot: int):
+        self.heads, self.kv_heads, self.head_dim, self.rot = heads, kv_heads, head_dim, rot
+
+    def _parts(self, y: torch.Tensor, batch: int):
+        n, hd = y.shape[0], self.head_dim
+        seq = n // batch
+        q_end, k_end = self.heads * hd, (self.heads + self.kv_heads) * hd
+        if self.heads == self.kv_heads:  # q and k in one strided view: half the launches
+            yield y[:, :k_end].view(batch, seq, 2, self.heads, hd)[..., :self.rot], 2
+        else:
+            yield y[:, :q_end].view(batch, seq, self.heads, hd)[..., :self.rot], 1
+            yield y[:, q_end:k_end].view(batch, seq, self.kv_heads, hd)[..., :self.rot], 1
+
+    def apply_(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
+               inverse: bool = False) -> None:
+        """y: (batch*seq, q|k|v); cos/sin: (batch or 1, seq, rot). inverse=True applies the transpose
+        (the backward of a rotation)."""
+        if y.is_cuda and STATUS["ok"] is not False:
+            ref = y.clone() if STATUS["ok"] is None else None  # first use: check against the PyTorch ops
+            if rotary_triton(y, cos, sin, batch, self.heads + self.kv_heads, self.head_dim, self.rot // 2, inverse):
+                if ref is not None:
+                    self._ops(ref, cos, sin, batch, inverse)
+                    STATUS["ok"] = bool(torch.equal(y, ref))
+                    STATUS["check"] = "identical" if STATUS["ok"] else "differs: PyTorch ops used from now on"
+                    y.copy_(ref)
+                return
+        self._ops(y, cos, sin, batch, inverse)
+
+    def _ops(self, y, cos, sin, batch, inverse):
+        half = self.rot // 2
+        for part, extra in self._parts(y, batch):
+            shape = (cos.shape[0], cos.shape[1]) + (1,) * extra + (half,)
+            c1, c2 = cos[..., :half].reshape(shape), cos[..., half:].reshape(shape)
+            s1, s2 = sin[..., :half].reshape(shape), sin[..., half:].reshape(shape)
+            x1, x2 = part[..., :half], part[..., half:]
+            if inverse:  # transpose of [[c1, -s1], [s2, c2]]
+                n1, n2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+            else:
+                n1, n2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+            x1.copy_(n1)
+            x2.copy_(n2)
+
+
+class _Fused(torch.autograd.Function):
+    """x -> outputs; args after `spec`: A_1, B_1, ..., A_n, B_n (None where a projection has no adapter)."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x2, xa, A, B = ctx.saved_tensors
-        dtype, s = ctx.dtype, ctx.scale
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        with torch.autocast(dy.device.type, enabled=False):
-            dx = dA = dB = None
-            Bc = B.to(dtype)
-            dyb = dy2 @ Bc  # (N, r)
+    def forward(ctx, x, spec, *ab):
+        proj, scales, dtype, epi, extra = spec
+        in_dtype, shape = x.dtype, x.shape
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            w = proj.weight(dtype, x.device)
+            y = x2 @ w.t()
+            del w
+            bias = proj.bias(dtype)
+            if bias is not None:
+                y += bias
+            As, Bs = ab[0::2], ab[1::2]
+            lora = [i for i, a in enumerate(As) if a is not None]
+            xa = None
+            if lora:
+                a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
+                xa = x2 @ a_cat.t()  # every adapter's x A_i^T in one matmul
+                cols, r0 = _offsets(proj.sizes), 0
+                for j, i in enumerate(lora):
+                    r, c = As[i].shape[0], cols[i]
+                    y[:, c:c + proj.sizes[i]].addmm_(xa[:, r0:r0 + r], b_list[j].t(), alpha=scales[i])
+                    r0 += r
+            if epi == "rotary":
+                rotary, cos, sin = extra
+                rotary.apply_(y, cos, sin, shape[0])
+                ctx.rotary = extra
+                outs = [o.view(*shape[:-1], o.shape[-1]) for o in y.split(proj.sizes, dim=1)]
+            elif epi == "swiglu":
+                outs = [swiglu_forward(y, proj.sizes[0]).view(*shape[:-1], proj.sizes[0])]
+            else:
+                outs = [y.view(*shape[:-1], y.shape[-1])]
+        ctx.save_for_backward(x2, xa, *ab, y if epi == "swiglu" else None)
+        ctx.spec, ctx.lora, ctx.in_dtype, ctx.shape = spec, lora, in_dtype, shape
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        proj, scales, dtype, epi, _ = ctx.spec
+        x2, xa, *ab, y = ctx.saved_tensors
+        As, Bs = ab[0::2], ab[1::2]
+        n_rows = x2.shape[0]
+        with torch.autocast(x2.device.type, enabled=False):
+            if epi == "swiglu":
+                dy = swiglu_backward(y, grads[0].reshape(n_rows, -1).to(dtype), proj.sizes[0])
+            else:
+                parts = [torch.zeros(n_rows, n, dtype=dtype, device=x2.device) if d is None
+                         else d.reshape(n_rows, n).to(dtype) for d, n in zip(grads, proj.sizes)]
+                dy = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                if epi == "rotary":
+                    rotary, cos, sin = ctx.rotary
+                    rotary.apply_(dy, cos, sin, ctx.shape[0], inverse=True)
+            dx = None
+            lora = ctx.lora
+            if lora:
+                cols = _offsets(proj.sizes)
+                a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
+                dyb = [dy[:, cols[i]:cols[i] + proj.sizes[i]] @ b_list[j] for j, i in enumerate(lora)]
+                dyb = dyb[0] if len(dyb) == 1 else torch.cat(dyb, dim=1)
+                svec = [scales[i] for i in lora for _ in range(As[i].shape[0])]
+                # the scale s goes into the rank-r factors once (s = alpha/r is a power of two by default)
+                s_t = svec[0] if len(set(svec)) == 1 else torch.tensor(svec, dtype=dtype, device=dyb.device)
+                sdyb, sxa = dyb * s_t, xa * s_t
             if ctx.needs_input_grad[0]:
-                w = ctx.wfn(dtype)
-                dx = torch.addmm(dy2 @ w, dyb, A.to(dtype), alpha=s)
+                w = proj.weight(dtype, x2.device)
+                dx = dy @ w if not lora else torch.addmm(dy @ w, sdyb, a_cat)
                 del w
                 dx = dx.view(ctx.shape).to(ctx.in_dtype)
-            if ctx.needs_input_grad[3]:
-                dA = (dyb.t() @ x2).mul_(s).to(A.dtype)
-            if ctx.needs_input_grad[4]:
-                dB = (dy2.t() @ xa).mul_(s).to(B.dtype)
-        return dx, None, None, dA, dB, None, None
+            out = [None] * (2 * len(As))
+            if lora:
+                dA = sdyb.t() @ x2  # (sum r, in): every adapter's A gradient in one matmul
+                r0 = 0
+                for i in lora:
+                    r = As[i].shape[0]
+                    if ctx.needs_input_grad[2 + 2 * i]:
+                        out[2 * i] = dA[r0:r0 + r].to(As[i].dtype)
+                    if ctx.needs_input_grad[3 + 2 * i]:
+                        dyi = dy[:, cols[i]:cols[i] + proj.sizes[i]]
+                        out[2 * i + 1] = (dyi.t() @ sxa[:, r0:r0 + r]).to(Bs[i].dtype)
+                    r0 += r
+        return (dx, None, *out)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, c = [], 0
+    for n in sizes:
+        out.append(c)
+        c += n
+    return out
+
+
+def lora_parts(module):
+    """(base layer, A, B, scale) of a PEFT LoRA linear on the fast path, (module, None, None, 1.0) for a
+    frozen plain linear; None when the fast path would not be exact."""
+    if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+        if getattr(module, "disable_adapters", False) or not _fast_eligible(module):
+            return None
+        name = module.active_adapters[0]
+        base = module.base_layer
+        parts = (base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+    elif hasattr(module, "weight") and hasattr(module, "in_features") and not hasattr(module, "lora_A"):
+        base = module
+        parts = (module, None, None, 1.0)
+    else:
+        return None
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return None  # fully trained weights take the ordinary autograd path
+    if hasattr(base, "_hf_hook"):  # weights streamed in by Accelerate's offload hooks
+        return None
+    return parts
+
+
+def fused(x: torch.Tensor, proj: Projections, parts: list, dtype: torch.dtype, epilogue: str = "none",
+          extra=None):
+    """Run the fused node; parts[i] = lora_parts(...) of projection i."""
+    ab = []
+    for _, a, b, _ in parts:
+        ab += [a, b]
+    spec = (proj, [p[3] for p in parts], dtype, epilogue, extra)
+    return _Fused.apply(x, spec, *ab)
+
+
+def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when it is on (fp16 GPUs), else the activations' own (bf16, or fp32)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _fast_eligible(module) -> bool:
@@ -98,18 +299,13 @@ class FastLoRAForward:
     def __init__(self, module):
         self.m = module
         self.original = type(module).forward.__get__(module)
-        self.weight = weight_source(module.base_layer)
+        self.proj = Projections([module.base_layer])
 
     def __call__(self, x, *args, **kwargs):
-        m = self.m
-        if args or kwargs or getattr(m, "disable_adapters", False) or not _fast_eligible(m):
+        parts = None if (args or kwargs) else lora_parts(self.m)
+        if parts is None:
             return self.original(x, *args, **kwargs)
-        name = m.active_adapters[0]
-        # the compute dtype: autocast's when it is on (fp16 GPUs), else the activations' own (bf16, or fp32
-        # when the user asked for fp32 weights)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _LoRALinear.apply(x, self.weight, m.base_layer.bias, m.lora_A[name].weight,
-                                 m.lora_B[name].weight, float(m.scaling[name]), dtype)
+        return fused(x, self.proj, [parts], compute_dtype_of(x))
 
 
 def install_fast_lora(model) -> int:

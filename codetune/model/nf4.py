@@ -64,9 +64,10 @@ class Nf4Weight:
         self.verified = False
         self.check = "not run"
 
-    def _triton(self, dtype: torch.dtype) -> torch.Tensor:
+    def _triton(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         qs, packed = self.qs, self.param.data
-        out = torch.empty(self.shape, dtype=dtype, device=packed.device)
+        if out is None:
+            out = torch.empty(self.shape, dtype=dtype, device=packed.device)
         n_bytes = packed.numel()
         nested = bool(qs.nested)
         grid = (triton.cdiv(n_bytes, 1024),)
@@ -96,7 +97,11 @@ class Nf4Weight:
             self.check, ok = f"{type(e).__name__}: {e}", False
         self.use_triton = ok
 
-    def __call__(self, dtype: torch.dtype) -> torch.Tensor:
+    def __call__(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight; written into `out` (a contiguous (out, in) block) when given."""
         if not self.verified:
             self.verify(dtype)
-        return self._triton(dtype) if self.use_triton else self._bnb(dtype)
+        if self.use_triton:
+            return self._triton(dtype, out)
+        w = self._bnb(dtype)
+        return w if out is None else out.copy_(w)

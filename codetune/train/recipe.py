@@ -87,7 +87,8 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     if tcfg.fast_lora and acfg.method == "lora" and not offloaded:
         # (with weights offloaded to CPU, Accelerate's hooks must move each weight in: PEFT's forward does that)
         install_fast_lora(model)
-    offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload)
+    offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload,
+                                      fast=tcfg.fast_layers and not offloaded)
     return model, offloader
 
 

@@ -100,6 +100,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, run_cfg: dict) -> d
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].device))
+    from codetune.model.lora_fast import adapters_changed
+
+    adapters_changed()  # (copy_ bumps version counters too; this says it outright)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])

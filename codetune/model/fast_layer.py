@@ -1,0 +1,163 @@
+"""A StableLM decoder layer's training forward in four fused nodes instead of ~40 modules and ops.
+
+Same parameters, same math, same attention kernel as transformers' `StableLmDecoderLayer.forward`:
+
+    x = LN1(h);  q, k, v = rotary(x [Wq; Wk; Wv]^T + LoRA)          one node (lora_fast._Fused)
+    h = h + o_proj(attention(q, k, v))                               transformers' attention function
+    m = silu(g) * u  with  g, u = LN2(h) [Wg; Wu]^T + LoRA           one node
+    h = h + down_proj(m)                                             one node
+    (past MLP_CHUNK_BYTES the last two lines run in sequence chunks: _ChunkedMLP)
+
+Why: the 4k-token step was CPU-bound (bench/results: 262 ms of GPU work in a 465 ms step) on per-op
+and per-module Python overhead, x3 per layer (forward, recomputed forward, backward). Fusing the
+q/k/v and gate/up projections also dequantizes their NF4 weights into one matrix and runs one matmul.
+
+Used only where it is exact (`fast_forward` returns None otherwise, and the caller keeps transformers'
+forward): no dropout, no q/k layer norm, every projection either a frozen linear or a PEFT LoRA linear
+on the fast path, no Accelerate weight-offload hooks. Caches (generation) always take transformers'
+path. tests/model/test_fast_layer.py holds the parity tests against transformers.
+
+This module changes nothing by itself: model/layers.py (the one place that swaps layer forwards)
+calls `fast_forward(layer)` and runs what it returns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from codetune.model.lora_fast import Projections, Rotary, compute_dtype_of, fused, lora_parts
+
+_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _get(layer, dotted: str):
+    m = layer
+    for part in dotted.split("."):
+        m = getattr(m, part, None)
+        if m is None:
+            return None
+    return m
+
+
+def _dropout_free(layer) -> bool:
+    drop = getattr(layer, "dropout", None)
+    if drop is not None and getattr(drop, "p", 0.0) > 0:
+        return False
+    return float(getattr(layer.self_attn, "attention_dropout", 0.0) or 0.0) == 0.0
+
+
+# The MLP runs in row chunks when its widest activation (tokens x intermediate, bf16) would exceed this:
+# at 16k tokens stable-code-3b's gate|up output alone is 453 MiB, and backward needs it twice over.
+MLP_CHUNK_BYTES = 128 * 2**20
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """mlp(x) over chunks of the sequence, keeping only x; backward recomputes and back-propagates one
+    chunk at a time (the MLP is per-token, so chunks are independent). Costs one more MLP forward per
+    step, so it is used only past MLP_CHUNK_BYTES (long context), where memory is what limits."""
+
+    @staticmethod
+    def forward(ctx, x, fn, rows):
+        ctx.fn, ctx.rows = fn, rows
+        ctx.save_for_backward(x)
+        out = torch.empty_like(x)
+        with torch.no_grad():
+            for sl in _slices(x.shape[1], rows):
+                out[:, sl] = fn(x[:, sl])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        dx = torch.empty_like(x)
+        for sl in _slices(x.shape[1], ctx.rows):
+            xc = x[:, sl].detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = ctx.fn(xc)
+            torch.autograd.backward(out, grad[:, sl])  # LoRA gradients accumulate chunk by chunk
+            dx[:, sl] = xc.grad
+        return dx, None, None
+
+
+def _slices(n: int, step: int):
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class FastDecoderLayer:
+    """The fused training forward of one StableLM decoder layer (see the module docstring)."""
+
+    def __init__(self, layer):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.stablelm.modeling_stablelm import eager_attention_forward
+
+        self.layer = layer
+        attn = layer.self_attn
+        self.mods = [_get(layer, p) for p in _PROJ]
+        self.qkv = Projections([lora_parts(m)[0] for m in self.mods[:3]])
+        self.o = Projections([lora_parts(self.mods[3])[0]])
+        self.gate_up = Projections([lora_parts(m)[0] for m in self.mods[4:6]])
+        self.down = Projections([lora_parts(self.mods[6])[0]])
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+        self.rotary = Rotary(self.heads, self.kv_heads, self.head_dim, attn.rotary_ndims)
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                               eager_attention_forward)
+        self.parallel = bool(layer.use_parallel_residual)
+
+    def parts(self):
+        """Current adapters of the 7 projections, or None if one left the fast path (disabled, merged)."""
+        parts = [lora_parts(m) for m in self.mods]
+        return None if any(p is None for p in parts) else parts
+
+    def __call__(self, hidden, attention_mask=None, position_ids=None, position_embeddings=None, parts=None,
+                 **_):
+        layer, attn = self.layer, self.layer.self_attn
+        b, s, h = hidden.shape
+        ln1 = layer.input_layernorm
+        x = F.layer_norm(hidden, (h,), ln1.weight, ln1.bias, ln1.eps)
+        dtype = compute_dtype_of(x)
+        cos, sin = position_embeddings
+        q, k, v = fused(x, self.qkv, parts[:3], dtype, "rotary", (self.rotary, cos.to(dtype), sin.to(dtype)))
+        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
+                                position_ids=position_ids)
+        a = fused(out.reshape(b, s, -1), self.o, parts[3:4], dtype)
+        if self.parallel:  # x = x + attn(ln1(x)) + mlp(ln1(x))
+            m = fused(fused(x, self.gate_up, parts[4:6], dtype, "swiglu"), self.down, parts[6:7], dtype)
+            return hidden + a + m
+        hidden = hidden + a
+        ln2 = layer.post_attention_layernorm
+
+        def mlp(t):
+            x = F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps)
+            return fused(fused(x, self.gate_up, parts[4:6], dtype, "swiglu"), self.down, parts[6:7], dtype)
+
+        inter = self.gate_up.sizes[0]
+        elem = torch.finfo(dtype).bits // 8
+        rows = max(1, MLP_CHUNK_BYTES // (b * inter * elem))  # sequence positions per chunk
+        if rows >= s:
+            return hidden + mlp(hidden)
+        return hidden + _ChunkedMLP.apply(hidden, mlp, rows)
+
+
+def fast_forward(layer) -> FastDecoderLayer | None:
+    """A FastDecoderLayer for `layer`, or None where it would not be exact (see the module docstring)."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or type(layer).__name__ != "StableLmDecoderLayer" or getattr(attn, "qk_layernorm", True):
+        return None
+    if not _dropout_free(layer) or any(hasattr(m, "_hf_hook") for m in layer.modules()):
+        return None  # (Accelerate's offload hooks bring weights in on each module call: keep those calls)
+    if any(_get(layer, p) is None for p in _PROJ):
+        return None
+    mods = [_get(layer, p) for p in _PROJ]
+    if any(lora_parts(m) is None for m in mods):
+        return None
+    norms = [layer.input_layernorm] + ([] if layer.use_parallel_residual else [layer.post_attention_layernorm])
+    if any(not isinstance(n, torch.nn.LayerNorm) for n in norms):
+        return None
+    if getattr(attn, "rotary_ndims", 0) % 2:
+        return None
+    return FastDecoderLayer(layer)
