@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's codetune, installed or not
 SHARED_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b.json"
 
 
@@ -76,6 +77,8 @@ def main() -> int:
     ap.add_argument("--corpus", default="/tmp/codetune-bench-corpus")
     ap.add_argument("--name", default="500mb")
     ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--reuse-corpus", action="store_true",
+                    help="keep a corpus already built at --corpus for the same --target-mb (repeat runs)")
     args = ap.parse_args()
     if not SHARED_TOKENIZER.exists():
         print(f"needs the GPT-NeoX tokenizer at {SHARED_TOKENIZER}", file=sys.stderr)
@@ -85,9 +88,14 @@ def main() -> int:
     from codetune.data.prepare import prepare
 
     corpus = Path(args.corpus)
-    shutil.rmtree(corpus, ignore_errors=True)
+    marker = corpus.with_name(corpus.name + ".built.json")  # beside it: inside, it would be an input
     t = time.time()
-    n_bytes, n_files = build_corpus(corpus, int(args.target_mb * 1e6))
+    if args.reuse_corpus and corpus.is_dir() and marker.exists() and json.loads(marker.read_text())["target_mb"] == args.target_mb:
+        n_bytes, n_files = json.loads(marker.read_text())["built"]
+    else:
+        shutil.rmtree(corpus, ignore_errors=True)
+        n_bytes, n_files = build_corpus(corpus, int(args.target_mb * 1e6))
+        marker.write_text(json.dumps({"target_mb": args.target_mb, "built": [n_bytes, n_files]}))
     build_s = time.time() - t
     print(f"corpus: {n_files} files, {n_bytes / 1e6:.1f} MB in {build_s:.0f}s", flush=True)
 
@@ -97,8 +105,10 @@ def main() -> int:
     model = ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(SHARED_TOKENIZER))
     load_before = round(os.getloadavg()[0], 2)  # the machine is shared: record how busy it was
     t = time.time()
+    cpu0 = _cpu()
     man = prepare(data, model, progress=sys.stderr.isatty())
     wall = time.time() - t
+    cpu = {k: round(v - cpu0[k], 1) for k, v in _cpu().items()}
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     c = man["counts"]
@@ -111,6 +121,8 @@ def main() -> int:
         "overall_mb_per_s": round(c["input_bytes"] / 1e6 / wall, 2),
         "stage_mb_per_cpu_second": {s: v.get("mb_per_cpu_second") for s, v in c["stages"].items()},
         "stage_cpu_seconds": {s: v.get("cpu_seconds") for s, v in c["stages"].items()},
+        # whole processes (user + system): the stages plus start-up, inter-process traffic, packing
+        "process_cpu_seconds": cpu, "tokenizer_encoder": man["tokenizer_info"].get("encoder"),
         "peak_rss_mb": {"main": round(rss_self), "largest_worker": round(rss_children)},
         "near_dedup": man["near_dedup"],
         "kept": c["kept"], "dropped": {s: v["dropped"] for s, v in c["stages"].items() if v["dropped"]},
@@ -124,6 +136,11 @@ def main() -> int:
     return 0
 
 
+def _cpu() -> dict:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"main": me.ru_utime + me.ru_stime, "workers": kids.ru_utime + kids.ru_stime}
+
+
 def render(r: dict) -> str:
     nd = r["near_dedup"]
     lines = [f"# prepare benchmark ({r['input_mb']} MB, {r['machine']['workers']} workers on "
@@ -134,6 +151,12 @@ def render(r: dict) -> str:
              "| stage | CPU s (all workers) | MB per CPU-second |", "|---|---:|---:|"]
     for s, v in r["stage_mb_per_cpu_second"].items():
         lines.append(f"| {s} | {r['stage_cpu_seconds'][s]} | {v if v is not None else '-'} |")
+    pc = r.get("process_cpu_seconds")
+    if pc:
+        lines += ["", f"Whole processes: workers {pc['workers']} CPU s, main {pc['main']} CPU s "
+                  f"({(pc['workers'] + pc['main']) / r['wall_seconds']:.2f} cores busy on average); load average "
+                  f"{r['machine']['load_avg_1m_before']} before, {r['machine']['load_avg_1m_after']} after. "
+                  f"Tokenizer path: {r.get('tokenizer_encoder')}."]
     lines += ["", f"Dedup index: {nd['documents_indexed']} documents, {nd['bands']} bands x {nd['rows']} rows, "
               f"~{nd['index_bytes'] / 1e6:.1f} MB (~{nd['index_bytes'] / max(nd['documents_indexed'], 1):.0f} "
               "bytes per document, linear in the number of kept documents, independent of their size).", "",

@@ -32,7 +32,14 @@ def read_file(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
 
 def decode(data: bytes | str) -> tuple[str | None, str | None]:
     if isinstance(data, str):
-        return (None, "binary") if "\0" in data[:SNIFF] else (data, None)
+        if "\0" in data[:SNIFF]:
+            return None, "binary"
+        if not data.isascii():
+            try:  # a lone surrogate (a JSON "\ud800" escape) is not text any tokenizer can take
+                data.encode("utf-8")
+            except UnicodeEncodeError:
+                return None, "undecodable"
+        return data, None
     if b"\0" in data[:SNIFF]:
         return None, "binary"
     try:

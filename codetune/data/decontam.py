@@ -88,13 +88,16 @@ class Decontaminator:
             snippets += file_snippets(f)
         return cls(snippets)
 
-    def match(self, text: str) -> str | None:
-        """The name of the first benchmark snippet this text contains, or None."""
+    def match(self, text: str, lines: list[str] | None = None) -> str | None:
+        """The name of the first benchmark snippet this text contains, or None. `lines`: the text's
+        splitlines() when the caller has them already (splitting is most of the cost)."""
         if not self.anchors:
             return None
-        cands = sorted({i for ln in text.splitlines() for i in self.anchors.get(ln.strip(), ())})
-        if not cands:
+        # set operations in C instead of a dict lookup per line in Python: 2x faster, same candidates
+        hits = self.anchors.keys() & set(map(str.strip, text.splitlines() if lines is None else lines))
+        if not hits:
             return None
+        cands = sorted({i for anchor in hits for i in self.anchors[anchor]})
         norm = normalise(text)
         for i in cands:
             if self.snippets[i].norm in norm:

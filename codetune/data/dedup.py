@@ -8,9 +8,17 @@ Priority: deduplication streams in input order (sources in the order given, each
 path order), and the first copy of a cluster is kept. So the copy kept is deterministic, and a user
 who prefers one source's copies lists that source first.
 
-Signatures are computed in the worker processes with numpy (datasketch's per-shingle Python loop is
-far too slow for hundreds of MB); the hash family is multiply-shift, ((a*x + b) mod 2^64) >> 32 with
-random 64-bit a, b per permutation, which is 2-universal. Only the LSH index lives in the parent.
+Everything per document runs in the worker processes with numpy, so the cost is a few passes over
+each file's bytes rather than Python work per word: word hashes are polynomial hashes (mod 2^64)
+taken from one prefix sum over the bytes, mixed with splitmix64's finalizer; a shingle is a
+polynomial of its 5 word hashes; the MinHash family is multiplicative hashing of the shingle hash's
+top 32 bits, a*x mod 2^32, with a random odd a per permutation (each a bijection of the 32-bit values;
+the shingle hashes are already well mixed). That is weaker in theory than 64-bit multiply-add-shift,
+((a*x + b) mod 2^64) >> 32, and 2.3x cheaper in numpy (1.7x against 64-bit multiply-shift without the
+"+ b"); on 590 real near-duplicate pairs the error of the
+Jaccard estimate had the same spread (0.023, the sqrt(J(1-J)/256) expected of 256 permutations) and
+the same number of pairs was found. The 25 band keys are computed there too. All of it is fixed arithmetic with fixed seeds (never Python's salted hash()), so results do
+not depend on the process or the run. Only the LSH index lives in the parent.
 Memory: the index keeps, per kept document, one small integer key in each of `b` bands (b is chosen
 by datasketch for the threshold); the signatures themselves are not stored.
 """
@@ -18,16 +26,20 @@ by datasketch for the threshold); the signatures themselves are not stored.
 from __future__ import annotations
 
 import hashlib
-import re
 import sys
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-WORD = re.compile(r"[A-Za-z_0-9]+")
-_M32 = np.uint64(0xFFFFFFFF)
-_CHUNK = 256  # shingles per numpy block: the temporary (CHUNK x num_perm x 8 bytes) stays in cache
+# bytes.translate table: 1 for the bytes of [A-Za-z_0-9] (what a word is made of), else 0. Non-ASCII
+# characters' UTF-8 bytes are >= 0x80, never word bytes, as the characters are not in the class.
+_WORD = bytes(1 if chr(c).isascii() and (chr(c).isalnum() or chr(c) == "_") else 0 for c in range(256))
+_M = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
+_M_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
+_SHINGLE_MUL = np.uint64(1_000_003)
+_CHUNK = 512  # shingles per numpy block: the temporary (CHUNK x num_perm x 4 bytes) stays in cache
+_BAND_MUL = np.random.RandomState(7).randint(0, 2**63, size=256, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+_powers: list[np.ndarray] = [np.ones(1, np.uint64), np.ones(1, np.uint64)]  # M^i, M^-i; grown on demand
 
 
 def exact_key(text: str) -> bytes:
@@ -35,41 +47,83 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(" ".join(text.split()).encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
-def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def permutations(num_perm: int, seed: int = 1) -> np.ndarray:
+    """The multipliers of the hash functions, one random odd 32-bit number per permutation."""
     rng = np.random.RandomState(seed)
-    a = rng.randint(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
-    b = rng.randint(0, 2**63, size=num_perm, dtype=np.uint64)
-    return a, b
+    return rng.randint(0, 2**31, size=num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+
+
+def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(_powers[0]) < n:
+        size = max(n, 2 * len(_powers[0]), 1 << 16)
+        with np.errstate(over="ignore"):
+            for i, base in enumerate((_M, _M_INV)):
+                t = np.full(size, base, dtype=np.uint64)
+                t[0] = 1
+                _powers[i] = np.multiply.accumulate(t)  # wraps mod 2^64
+    return _powers[0], _powers[1]
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: spreads the polynomial hashes' structure over all 64 bits."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def word_hashes(raw: bytes) -> np.ndarray:
+    """64-bit hash of each word (run of [A-Za-z_0-9]) of UTF-8 bytes, in order. The hash of bytes
+    s..e-1 is sum(b_j * M^(e-1-j)) = M^(e-1) * (C[e] - C[s]) with C the prefix sums of b_j * M^-j."""
+    isw = np.frombuffer(raw.translate(_WORD), dtype=bool)
+    edges = np.flatnonzero(np.diff(isw, prepend=False, append=False))
+    if len(edges) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    start, end = edges[::2], edges[1::2]
+    pw, pw_inv = _power_tables(len(raw))
+    c = np.zeros(len(raw) + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.cumsum(np.frombuffer(raw, dtype=np.uint8) * pw_inv[:len(raw)], out=c[1:])
+        return _mix((c[end] - c[start]) * pw[end - 1])
 
 
 def shingles(text: str, n: int = 5) -> np.ndarray:
-    """Unique 64-bit hashes of the word n-grams (the whole word list when shorter than n)."""
-    words = WORD.findall(text)
-    if not words:
-        return np.zeros(0, dtype=np.uint64)
-    hw = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    """64-bit hashes of the word n-grams (the whole word list when shorter than n), in text order.
+    Repeats are left in: they cannot change a minimum, and removing them (a sort) costs about what
+    hashing them costs."""
+    hw = word_hashes(text.encode("utf-8", "surrogatepass"))
+    if len(hw) == 0:
+        return hw
     k = min(n, len(hw))
     h = np.zeros(len(hw) - k + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i in range(k):  # polynomial hash of each window, wrapping mod 2^64
-            h = h * np.uint64(1_000_003) + hw[i:len(hw) - k + 1 + i]
-    return np.unique(h)
+            h = h * _SHINGLE_MUL + hw[i:len(hw) - k + 1 + i]
+    return h
 
 
-def signature(sh: np.ndarray, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """MinHash signature. In-place operations on a small reused block keep the work in cache: ~4x
-    faster than the plain broadcast expression."""
-    a, b = perms
-    sig = np.full(len(a), 0xFFFFFFFF, dtype=np.uint64)
-    buf = np.empty((_CHUNK, len(a)), dtype=np.uint64)
-    for s in range(0, len(sh), _CHUNK):
-        x = sh[s:s + _CHUNK, None]
+def signature(sh: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """MinHash signature (32-bit values, as uint64) for the multipliers `a`: per permutation, the
+    minimum of a * x mod 2^32 over the shingles' top 32 bits x. 32-bit arithmetic runs 1.7x faster
+    than 64-bit in numpy's SIMD loops. In-place operations on a small reused block keep the work in
+    cache (~4x faster than the plain broadcast expression)."""
+    x32 = (sh >> np.uint64(32)).astype(np.uint32)
+    sig = np.full(len(a), np.iinfo(np.uint32).max, dtype=np.uint32)
+    buf = np.empty((min(_CHUNK, max(len(x32), 1)), len(a)), dtype=np.uint32)
+    for s in range(0, len(x32), _CHUNK):
+        x = x32[s:s + _CHUNK, None]
         v = buf[:len(x)]
-        np.multiply(x, a, out=v)  # wraps mod 2^64, as multiply-shift hashing intends
-        np.add(v, b, out=v)
-        np.right_shift(v, np.uint64(32), out=v)
+        np.multiply(x, a, out=v)  # wraps mod 2^32
         np.minimum(sig, v.min(axis=0), out=sig)
-    return sig
+    return sig.astype(np.uint64)
+
+
+def band_keys(sig: np.ndarray, b: int, r: int) -> list[int]:
+    """One 64-bit key per LSH band: a random linear combination of the band's r values (mod 2^64).
+    Two different bands collide with probability about 2^-32 at most; equal bands always agree."""
+    with np.errstate(over="ignore"):
+        return (sig[:b * r].reshape(b, r) * _BAND_MUL[:r]).sum(axis=1, dtype=np.uint64).tolist()
+
 
 
 @dataclass
@@ -95,10 +149,7 @@ class Deduper:
         self.bands: list[dict[int, int]] = [{} for _ in range(self.b)]
 
     def band_keys(self, sig: np.ndarray) -> list[int]:
-        raw = sig.astype("<u8").tobytes()
-        w = self.r * 8
-        return [int.from_bytes(hashlib.blake2b(raw[i * w:(i + 1) * w], digest_size=8).digest(), "little")
-                for i in range(self.b)]
+        return band_keys(sig, self.b, self.r)
 
     def memory_bytes(self) -> int:
         """Approximate size of both indexes: containers plus their key objects (ints ~32 B, 16-byte
@@ -107,14 +158,14 @@ class Deduper:
         return (sum(sys.getsizeof(b) for b in self.bands) + 32 * entries
                 + sys.getsizeof(self.exact) + 49 * len(self.exact))
 
-    def check(self, doc_id: int, key: bytes, sig: np.ndarray | None) -> str | None:
-        """None (kept, now indexed), 'exact_duplicate' or 'near_duplicate'."""
+    def check(self, doc_id: int, key: bytes, keys: list[int] | None) -> str | None:
+        """None (kept, now indexed), 'exact_duplicate' or 'near_duplicate'. `keys`: the document's band
+        keys (`band_keys`, computed in the worker), None without near dedup."""
         if key in self.exact:
             return "exact_duplicate"
         self.exact.add(key)
-        if sig is None:
+        if keys is None:
             return None
-        keys = self.band_keys(sig)
         for band, k in zip(self.bands, keys):
             first = band.get(k)
             if first is not None:

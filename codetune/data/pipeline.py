@@ -9,6 +9,7 @@ timing or on the number of workers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import multiprocessing as mp
@@ -25,7 +26,7 @@ from codetune.data.decontam import Decontaminator
 from codetune.data.sources import Drop, Item
 from codetune.data.split import split_of
 from codetune.data.stats import Stats
-from codetune.data.tokenize import PieceEncoder
+from codetune.data.tokenize import PieceEncoder, compact
 
 WORKER_STAGES = ("decode", "language", "quality", "redact")  # those that can drop inside a worker
 BATCH_FILES = 32
@@ -44,9 +45,11 @@ class Setup:
     decontam: Decontaminator | None
     tokenizer_json: str
     special_ids: dict
+    fast_tokenizer: bool  # the parent checked that fastbpe gives the tokenizer's exact ids
     fim_rate: float
     fim_spm_rate: float
     seed: int
+    bands: tuple = ()  # (bands, rows) of the LSH index, set by run(): band keys are made in the workers
 
 
 _W: dict = {}  # per-process state: the setup, permutations and encoder
@@ -55,7 +58,7 @@ _W: dict = {}  # per-process state: the setup, permutations and encoder
 def _init(setup: Setup) -> None:
     _W["setup"] = setup
     _W["perms"] = dedup.permutations(setup.num_perm)
-    _W["enc"] = PieceEncoder(setup.tokenizer_json, setup.special_ids)
+    _W["enc"] = PieceEncoder(setup.tokenizer_json, setup.special_ids, setup.fast_tokenizer)
 
 
 class _Clock:
@@ -97,7 +100,8 @@ def clean_one(item: Item | Drop, s: Setup, perms, clock: _Clock) -> dict:
             return {**base, "drop": ("language", "bad_notebook")}
     clock.lap("language", len(raw))
 
-    reason = filters.quality_reason(text, lang, s.thresholds)
+    lines = text.splitlines()  # shared with decontamination when redaction leaves the text as it is
+    reason = filters.quality_reason(text, lang, s.thresholds, lines)
     clock.lap("quality", len(raw))
     if reason:
         return {**base, "drop": ("quality", reason)}
@@ -108,11 +112,12 @@ def clean_one(item: Item | Drop, s: Setup, perms, clock: _Clock) -> dict:
     clock.lap("redact", len(raw))
 
     key = dedup.exact_key(text)
-    sig = dedup.signature(dedup.shingles(text, s.shingle_size), perms) if s.near_dedup else None
+    bands = dedup.band_keys(dedup.signature(dedup.shingles(text, s.shingle_size), perms), *s.bands) \
+        if s.near_dedup else None
     clock.lap("dedup", len(raw))
-    contam = s.decontam.match(text) if s.decontam else None
+    contam = s.decontam.match(text, None if found else lines) if s.decontam else None
     clock.lap("decontam", len(raw))
-    return {**base, "text": text, "lang": lang, "repo": item.repo, "key": key, "sig": sig,
+    return {**base, "text": text, "lang": lang, "repo": item.repo, "key": key, "bands": bands,
             "contam": contam, "redactions": found}
 
 
@@ -134,7 +139,7 @@ def encode_batch(docs: list[tuple[str, bytes]]) -> tuple[list[tuple[np.ndarray, 
     pieces = [fim.fim_split(text, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed) for text, key in docs]
     n_bytes = sum(len(t) for t, _ in docs)
     clock.lap("fim", n_bytes)
-    ids = _W["enc"].encode(pieces)
+    ids = [compact(i) for i in _W["enc"].encode(pieces)]
     clock.lap("tokenize", n_bytes)
     return [(i, p.mode) for i, p in zip(ids, pieces)], clock.log
 
@@ -160,6 +165,8 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
         ) -> bytes:
     """Drive all stages over `items`; `sink(split, ids)` receives each kept document's tokens in
     order. Returns the content hash of the inputs."""
+    dd = dedup.Deduper(dedup_threshold, setup.num_perm)
+    setup = dataclasses.replace(setup, bands=(dd.b, dd.r))
     pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(setup,)) if workers > 1 else None
     if pool is None:
         _init(setup)
@@ -167,7 +174,6 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
     def submit(fn, arg):
         return pool.apply_async(fn, (arg,)) if pool else _Inline(fn(arg))
 
-    dd = dedup.Deduper(dedup_threshold, setup.num_perm)
     content = hashlib.sha256()
     cleaning, encoding = deque(), deque()
     pending: list[tuple[str, bytes, str, str, int]] = []  # text, key, split, lang, bytes
@@ -222,7 +228,7 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
                     stats.drop(*r["drop"], r["bytes"])
                     continue
                 stats.redactions.update(r["redactions"])
-                why = dd.check(doc_id, r["key"], r["sig"])
+                why = dd.check(doc_id, r["key"], r["bands"])
                 doc_id += 1
                 if why:
                     stats.drop("dedup", why, r["bytes"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from codetune.atomic import replace_dir
 from codetune.config import ConfigError, DataConfig, ModelConfig
-from codetune.data import filters, languages, pipeline
+from codetune.data import fastbpe, filters, languages, pipeline
 from codetune.data.decontam import Decontaminator
 from codetune.data.fim import check_fim_tokens
 from codetune.data.shards import Packer, ShardWriter
@@ -29,7 +29,7 @@ from codetune.data.sources import Columns, Item, check_sources, iter_source, kin
 from codetune.data.stats import Stats
 from codetune.model.tokenizer import cache_root, load_tokenizer, tokenizer_fingerprint
 
-PIPELINE_VERSION = 2  # bump when a change alters the shards, so old runs are not reused
+PIPELINE_VERSION = 3  # bump when a change alters the shards, so old runs are not reused
 BPE_SAMPLE_BYTES = 20_000_000
 NOT_IN_KEY = ("data_dir", "workers", "write_report")  # settings that do not change the shards
 
@@ -147,21 +147,25 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
     packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
+    tok_json = tok.backend_tokenizer.to_str()
+    fast, encoder = fastbpe.build(tok_json)  # same ids either way; tiktoken only where checked faithful
     setup = pipeline.Setup(
         thresholds=filters.Thresholds(data.min_file_bytes, data.max_file_bytes, data.max_line_length,
                                       data.max_mean_line_length, data.min_alnum_fraction),
         allowed=allowed, redact=data.redact_secrets, near_dedup=data.near_dedup, num_perm=data.minhash_perms,
-        shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok.backend_tokenizer.to_str(),
-        special_ids=_fim_ids(tok), fim_rate=data.fim_rate, fim_spm_rate=data.fim_spm_rate, seed=data.data_seed)
+        shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok_json,
+        special_ids=_fim_ids(tok), fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
+        fim_spm_rate=data.fim_spm_rate, seed=data.data_seed)
     stats = Stats()
     workers = data.workers or os.cpu_count() or 1
     try:
         with _ticker(progress, n_files) as tick:
             digest = pipeline.run(iter_items(data), setup, workers, data.val_fraction, data.dedup_threshold,
-                                  lambda split, ids: packers[split].add_document(ids.tolist()), stats, tick)
+                                  lambda split, ids: packers[split].add_document(ids), stats, tick)
         metas = {s: p.finish() for s, p in packers.items()}
         tok.save_pretrained(tmp / "tokenizer")
         manifest = _manifest(data, tok, key, stats, metas, digest.hex(), time.time() - t0)
+        manifest["tokenizer_info"]["encoder"] = encoder  # which path made the ids (both give the same)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if data.write_report:
             from codetune.data.report import write_report

@@ -77,35 +77,44 @@ class ShardWriter:
 class Packer:
     """Concatenates documents (each followed by EOS) and cuts fixed-length sequences, recording where
     each document starts. A document longer than what is left continues at position 0 of the next
-    sequence (its continuation counts as a start there). The tail is padded with `pad_id`."""
+    sequence (its continuation counts as a start there). The tail is padded with `pad_id`.
+
+    The sequence being filled is one numpy buffer filled by slices: `prepare` packs ~100 M tokens in
+    its main process, where a Python list per token would cost as much CPU as a worker stage."""
 
     def __init__(self, writer: ShardWriter, eos_id: int, pad_id: int):
         self.w, self.eos, self.pad = writer, eos_id, pad_id
-        self.buf: list[int] = []
+        self.buf = np.empty(writer.seq_len, dtype=np.int64)
+        self.n = 0  # tokens in buf
         self.starts: list[int] = []
 
-    def add_document(self, ids: list[int]) -> None:
-        ids = list(ids) + [self.eos]
+    def add_document(self, ids) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        size, L = len(ids) + 1, self.w.seq_len  # + EOS
         pos = 0
-        while pos < len(ids):
-            if not self.buf or pos == 0:
-                self.starts.append(len(self.buf))
-            take = min(self.w.seq_len - len(self.buf), len(ids) - pos)
-            self.buf.extend(ids[pos:pos + take])
+        while pos < size:
+            if self.n == 0 or pos == 0:
+                self.starts.append(self.n)
+            take = min(L - self.n, size - pos)
+            body = min(pos + take, len(ids)) - pos  # of which real ids; the rest is the EOS
+            self.buf[self.n:self.n + body] = ids[pos:pos + body]
+            if body < take:
+                self.buf[self.n + body] = self.eos
+            self.n += take
             pos += take
-            if len(self.buf) == self.w.seq_len:
+            if self.n == L:
                 self._flush()
 
     def _flush(self) -> None:
-        n_real = len(self.buf)
+        n_real = self.n
         if n_real == 0:
             return
         starts = self.starts
         if n_real < self.w.seq_len:
             starts = starts + [n_real]  # padding is its own "document": no attention into it, no loss
-            self.buf.extend([self.pad] * (self.w.seq_len - n_real))
-        self.w.add(np.asarray(self.buf), sorted(set(starts)), n_real)
-        self.buf, self.starts = [], []
+            self.buf[n_real:] = self.pad
+        self.w.add(self.buf, sorted(set(starts)), n_real)
+        self.n, self.starts = 0, []
 
     def finish(self) -> dict:
         self._flush()

@@ -68,3 +68,38 @@ def test_permission_error_is_a_reason(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", deny)  # as root, chmod 000 would not stop the read
     assert read_file(str(f), 1000) == (None, "permission_denied")
+
+
+def _encoded_reference(text: str) -> bool:
+    """StarCoder's rule as three regex scans, the definition encoded_data must reproduce."""
+    from codetune.data.filters import ENCODED, ENCODED_MAX_FRACTION, ENCODED_MAX_RUN
+
+    total = 0
+    for rx in ENCODED:
+        for m in rx.finditer(text):
+            if m.end() - m.start() > ENCODED_MAX_RUN:
+                return True
+            total += m.end() - m.start()
+    return total > ENCODED_MAX_FRACTION * len(text)
+
+
+def test_encoded_data_matches_the_regexes(stdlib):
+    import random
+
+    from codetune.data.filters import encoded_data
+
+    rng = random.Random(0)
+    texts = [f.read_text(errors="replace") for d in ("json", "email", "base64.py", "codecs.py", "uu.py")
+             for f in ((stdlib / d).rglob("*.py") if (stdlib / d).is_dir() else [stdlib / d]) if f.exists()]
+    pieces = [lambda: ", ".join(f"0x{rng.randrange(256):02x}" for _ in range(rng.randint(1, 12))),
+              lambda: "".join(f"\\x{rng.randrange(256):02x}" for _ in range(rng.randint(1, 12))),
+              lambda: " ".join(f"{rng.randrange(256):02X}" for _ in range(rng.randint(1, 12))),
+              lambda: "".join(rng.choice("ABCxyz+/=\n019") for _ in range(rng.randint(1, 1500))),
+              lambda: "".join(f"\\u{rng.randrange(65536):04x}" for _ in range(rng.randint(1, 12))),
+              lambda: rng.choice(["é", "\u00a0", "\x1c", "ü12", "\u2028", "字", ",", "\t", "  ", "_", "x"]),
+              lambda: rng.choice(texts)[:rng.randint(0, 300)]]
+    for _ in range(3000):
+        texts.append(rng.choice(["", " ", "\n", ", "]).join(rng.choice(pieces)() for _ in range(rng.randint(1, 40))))
+    results = [encoded_data(t) for t in texts]
+    assert results == [_encoded_reference(t) for t in texts]
+    assert 100 < sum(results) < len(results) - 100  # both answers well represented

@@ -173,3 +173,18 @@ def test_progress_callback_and_bars(tmp_path):
         bars.tick("clean", 3, 3_000_000)
         bars.tick("tokenize", 1, 10)
     assert bars.files == {"clean": 3, "tokenize": 1}
+
+
+def test_record_with_a_lone_surrogate_is_counted_not_fatal(tmp_path):
+    """A JSON "\\ud800" escape decodes to a string no tokenizer accepts: dropped as undecodable."""
+    if not SHARED.exists():
+        pytest.skip("shared GPT-NeoX tokenizer not present")
+    f = tmp_path / "d.jsonl"
+    rows = [{"content": _module(i), "path": f"m{i}.py"} for i in range(3)]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"content": "x = 1  # \\ud800 broken\\n' + "y = 2\\n" * 5
+                 + '", "path": "bad.py"}\n')
+    d = DataConfig(sources=[str(f)], path_column="path", data_dir=str(tmp_path / "o"), seq_len=64, workers=2,
+                   write_report=False)
+    man = prepare(d, ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(SHARED)))
+    assert man["counts"]["kept"] == 3
+    assert man["counts"]["stages"]["decode"]["dropped"] == {"undecodable": 1}
