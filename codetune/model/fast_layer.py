@@ -125,15 +125,17 @@ class FastDecoderLayer:
         out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
                                 position_ids=position_ids)
         a = fused(out.reshape(b, s, -1), self.o, parts[3:4], dtype)
+
+        def swiglu_mlp(t):
+            return fused(fused(t, self.gate_up, parts[4:6], dtype, "swiglu"), self.down, parts[6:7], dtype)
+
         if self.parallel:  # x = x + attn(ln1(x)) + mlp(ln1(x))
-            m = fused(fused(x, self.gate_up, parts[4:6], dtype, "swiglu"), self.down, parts[6:7], dtype)
-            return hidden + a + m
+            return hidden + a + swiglu_mlp(x)
         hidden = hidden + a
         ln2 = layer.post_attention_layernorm
 
         def mlp(t):
-            x = F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps)
-            return fused(fused(x, self.gate_up, parts[4:6], dtype, "swiglu"), self.down, parts[6:7], dtype)
+            return swiglu_mlp(F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps))
 
         inter = self.gate_up.sizes[0]
         elem = torch.finfo(dtype).bits // 8
@@ -150,10 +152,8 @@ def fast_forward(layer) -> FastDecoderLayer | None:
         return None
     if not _dropout_free(layer) or any(hasattr(m, "_hf_hook") for m in layer.modules()):
         return None  # (Accelerate's offload hooks bring weights in on each module call: keep those calls)
-    if any(_get(layer, p) is None for p in _PROJ):
-        return None
     mods = [_get(layer, p) for p in _PROJ]
-    if any(lora_parts(m) is None for m in mods):
+    if any(m is None or lora_parts(m) is None for m in mods):
         return None
     norms = [layer.input_layernorm] + ([] if layer.use_parallel_residual else [layer.post_attention_layernorm])
     if any(not isinstance(n, torch.nn.LayerNorm) for n in norms):

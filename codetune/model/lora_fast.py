@@ -71,17 +71,17 @@ class Projections:
         self.bases = bases
         self.sources = [weight_source(b) for b in bases]
         self.sizes = [int(b.out_features) for b in bases]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # first column of each output
         self.in_features = int(bases[0].in_features)
         self._cache_key, self._cache = None, None
+        self._bias: dict[torch.dtype, torch.Tensor | None] = {}
 
     def weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if len(self.sources) == 1:
             return self.sources[0](dtype)
         w = torch.empty(sum(self.sizes), self.in_features, dtype=dtype, device=device)
-        row = 0
-        for src, n in zip(self.sources, self.sizes):
+        for src, row, n in zip(self.sources, self.offsets, self.sizes):
             src(dtype, out=w[row:row + n])  # row blocks of a contiguous matrix are contiguous
-            row += n
         return w
 
     def adapters(self, As, Bs, lora: list[int], dtype: torch.dtype):
@@ -96,11 +96,14 @@ class Projections:
         return self._cache
 
     def bias(self, dtype: torch.dtype):
-        bs = [b.bias for b in self.bases]
-        if all(b is None for b in bs):
-            return None
-        return torch.cat([(b if b is not None else torch.zeros(n, device=self.bases[0].weight.device)).to(dtype)
-                          for b, n in zip(bs, self.sizes)])
+        """The concatenated biases in `dtype` (None without any), built once: lora_parts only admits
+        frozen biases."""
+        if dtype not in self._bias:
+            bs = [b.bias for b in self.bases]
+            self._bias[dtype] = None if all(b is None for b in bs) else torch.cat(
+                [(b if b is not None else torch.zeros(n, device=self.bases[0].weight.device)).to(dtype)
+                 for b, n in zip(bs, self.sizes)])
+        return self._bias[dtype]
 
 
 class Rotary:
@@ -172,9 +175,9 @@ class _Fused(torch.autograd.Function):
             if lora:
                 a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
                 xa = x2 @ a_cat.t()  # every adapter's x A_i^T in one matmul
-                cols, r0 = _offsets(proj.sizes), 0
+                r0 = 0
                 for j, i in enumerate(lora):
-                    r, c = As[i].shape[0], cols[i]
+                    r, c = As[i].shape[0], proj.offsets[i]
                     y[:, c:c + proj.sizes[i]].addmm_(xa[:, r0:r0 + r], b_list[j].t(), alpha=scales[i])
                     r0 += r
             if epi == "rotary":
@@ -209,7 +212,7 @@ class _Fused(torch.autograd.Function):
             dx = None
             lora = ctx.lora
             if lora:
-                cols = _offsets(proj.sizes)
+                cols = proj.offsets
                 a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
                 dyb = [dy[:, cols[i]:cols[i] + proj.sizes[i]] @ b_list[j] for j, i in enumerate(lora)]
                 dyb = dyb[0] if len(dyb) == 1 else torch.cat(dyb, dim=1)
@@ -235,14 +238,6 @@ class _Fused(torch.autograd.Function):
                         out[2 * i + 1] = (dyi.t() @ sxa[:, r0:r0 + r]).to(Bs[i].dtype)
                     r0 += r
         return (dx, None, *out)
-
-
-def _offsets(sizes: list[int]) -> list[int]:
-    out, c = [], 0
-    for n in sizes:
-        out.append(c)
-        c += n
-    return out
 
 
 def lora_parts(module):
