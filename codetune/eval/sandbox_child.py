@@ -42,11 +42,15 @@ def private_tmp() -> None:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    limits = [(resource.RLIMIT_CPU, spec["cpu_s"]), (resource.RLIMIT_AS, spec["memory_bytes"]),
-              (resource.RLIMIT_FSIZE, spec["file_bytes"]), (resource.RLIMIT_NPROC, spec["max_procs"]),
-              (resource.RLIMIT_NOFILE, spec["max_files"]), (resource.RLIMIT_CORE, 0)]
+    limits = [(resource.RLIMIT_AS, spec["memory_bytes"]), (resource.RLIMIT_FSIZE, spec["file_bytes"]),
+              (resource.RLIMIT_NPROC, spec["max_procs"]), (resource.RLIMIT_NOFILE, spec["max_files"]),
+              (resource.RLIMIT_CORE, 0)]
     for which, value in limits:
         resource.setrlimit(which, (value, value))
+    # With soft == hard the kernel sends SIGKILL at the CPU limit, which reads as an ordinary crash; a
+    # hard limit one second above the soft one sends SIGXCPU first (scored "timeout"), with SIGKILL as
+    # the backstop for a program that catches it.
+    resource.setrlimit(resource.RLIMIT_CPU, (spec["cpu_s"], spec["cpu_s"] + 1))
     os.chdir(spec["workdir"])  # before the mounts below: the work folder stays reachable as "."
     try:
         if spec.get("private_tmp"):
