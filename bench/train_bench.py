@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-fast-lora", action="store_true")
     ap.add_argument("--no-fast-layers", action="store_true")
+    ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     a = ap.parse_args()
 
     from transformers import PreTrainedTokenizerFast
@@ -96,7 +97,8 @@ def main() -> None:
              "data.seq_len": max(a.seq), "train.max_vram": a.max_vram, "train.lr": a.lr, "train.warmup_steps": 0,
              "train.schedule": "constant", "train.max_grad_norm": 0.0, "train.offload_activations": a.offload,
              "train.grad_checkpointing": not a.no_checkpointing, "train.steps": max(a.loss_steps, 1),
-             "train.fast_lora": not a.no_fast_lora, "train.fast_layers": not a.no_fast_layers}
+             "train.fast_lora": not a.no_fast_lora, "train.fast_layers": not a.no_fast_layers,
+             "train.cuda_graphs": a.cuda_graphs}
     cfgs = build(["model", "adapter", "data", "train"], flags=flags)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from codetune.train.memory import cap_vram
@@ -136,8 +138,11 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
             times.append(time.perf_counter() - t)
     step_s = sorted(times)[len(times) // 2]
     res = {"engine": "codetune", "quant": a.quant, "seq": seq, "rank": a.rank, "last_layers": a.last_layers,
-           "fast_lora": not a.no_fast_lora, "fast_layers": not a.no_fast_layers, "offload": a.offload, "max_vram": a.max_vram,
+           "fast_lora": not a.no_fast_lora, "fast_layers": not a.no_fast_layers, "cuda_graphs": a.cuda_graphs, "offload": a.offload, "max_vram": a.max_vram,
            "trainable_params": trainable, "tokens_per_s": round(seq / step_s, 1)}
+    bank = getattr(model, "_codetune_graphs", None)
+    if bank is not None:
+        res.update(graphs_captured=bank.captured, graphs_failure=bank.failure)
     if device.type == "cuda":
         res.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),

@@ -181,6 +181,9 @@ class TrainConfig:
     fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward")
     fast_layers: bool = opt(True, "fused decoder-layer forward (q/k/v + rotary and gate/up + SwiGLU as one node each) "
                                   "where exact; off = transformers' layer forward")
+    cuda_graphs: str = opt("auto", "replay each layer's training passes as CUDA graphs (fused layers, one process): "
+                                   "auto = micro-batches up to 8192 tokens, where steps are CPU-bound; on; off",
+                           ("auto", "on", "off"))
     eval_every: int = opt(100, "validate every N steps; 0 disables")
     eval_batches: int = opt(20, "validation batches per evaluation")
     early_stopping: int = opt(0, "stop after N evaluations without improvement; 0 disables")

@@ -101,8 +101,8 @@ class _CheckpointedLayer(torch.autograd.Function):
     """Runs fn(hidden) without keeping its activations; recomputes it in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, fn, offloader, idx, prev_idx, replay_rng):
-        ctx.fn, ctx.offloader, ctx.idx, ctx.prev_idx = fn, offloader, idx, prev_idx
+    def forward(ctx, hidden, fn, offloader, idx, prev_idx, replay_rng, graphed):
+        ctx.fn, ctx.offloader, ctx.idx, ctx.prev_idx, ctx.graphed = fn, offloader, idx, prev_idx, graphed
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
         ctx.device_type = hidden.device.type
@@ -112,6 +112,10 @@ class _CheckpointedLayer(torch.autograd.Function):
             offloader.store(idx, hidden)
         else:
             ctx.save_for_backward(hidden)
+        if graphed is not None:
+            out = graphed[0].forward(hidden, graphed[1])
+            if out is not None:
+                return out
         with torch.no_grad():
             return fn(hidden)
 
@@ -123,6 +127,10 @@ class _CheckpointedLayer(torch.autograd.Function):
                 ctx.offloader.prefetch(ctx.prev_idx)  # overlap the next layer's copy with this recompute
         else:
             (hidden,) = ctx.saved_tensors
+        if ctx.graphed is not None:
+            grad_in = ctx.graphed[0].backward(hidden, grad_out, ctx.graphed[1])
+            if grad_in is not None:
+                return grad_in, None, None, None, None, None, None
         hidden = hidden.detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
         replay = ctx.cpu_rng is not None  # only layers with dropout draw random numbers
@@ -135,14 +143,14 @@ class _CheckpointedLayer(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
                 out = ctx.fn(hidden)
         torch.autograd.backward(out, grad_out)
-        return hidden.grad, None, None, None, None, None
+        return hidden.grad, None, None, None, None, None, None
 
 
 class LayerRunner:
     """Replaces one decoder layer's forward (instance attribute, see module docstring)."""
 
     def __init__(self, layer, idx: int, checkpoint: bool, offloader: ActivationOffloader | None,
-                 prev_idx: int | None, fast: bool = True):
+                 prev_idx: int | None, fast: bool = True, bank=None):
         from codetune.model.fast_layer import fast_forward
 
         self.layer, self.idx = layer, idx
@@ -154,13 +162,23 @@ class LayerRunner:
         self.trainable = _has_trainable(layer)
         self.replay_rng = _stochastic(layer)
         self.fast = fast_forward(layer) if (fast and not self.hooked) else None
+        self.graphs = None
+        if bank is not None and self.fast is not None and not self.replay_rng:
+            from codetune.model.graphs import LayerGraphs
 
-    def _forward(self, args, kwargs):
-        """The layer's training forward: the fused one while its adapters stay on the fast path."""
+            self.graphs = LayerGraphs(bank, layer)
+
+    def _forward(self, hidden, args, kwargs):
+        """(the layer's training forward, its CUDA-graphed passes or None): the fused forward while the
+        adapters stay on the fast path, graphed where model/graphs.py allows."""
         parts = self.fast.parts() if (self.fast is not None and not args) else None
         if parts is None or kwargs.get("position_embeddings") is None:
-            return lambda h: self.original(h, *args, **kwargs)
-        return lambda h: self.fast(h, parts=parts, **kwargs)
+            return (lambda h: self.original(h, *args, **kwargs)), None
+        graphed = None
+        if self.graphs is not None:
+            key = tuple((a.data_ptr(), b.data_ptr()) if a is not None else None for _, a, b, _ in parts)
+            graphed = self.graphs.get(hidden, kwargs, lambda h, **kw: self.fast(h, parts=parts, **kw), key)
+        return (lambda h: self.fast(h, parts=parts, **kwargs)), graphed
 
     def __call__(self, hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and self.layer.training):
@@ -169,20 +187,23 @@ class LayerRunner:
         kwargs.pop("use_cache", None)
         for key in ("cache", "past_key_values", "past_key_value"):
             kwargs.pop(key, None)
-        fn = self._forward(args, kwargs)
+        fn, graphed = self._forward(hidden_states, args, kwargs)
         if not self.trainable and not hidden_states.requires_grad:
+            out = graphed[0].forward(hidden_states, graphed[1]) if graphed is not None else None
+            if out is not None:
+                return out
             with torch.no_grad():  # frozen prefix: forward only
                 return fn(hidden_states)
         if not self.checkpoint:
-            return fn(hidden_states)
+            return fn(hidden_states)  # (autograd keeps the activations: nothing to graph)
 
         if not hidden_states.requires_grad:
             # first trainable layer after frozen ones: autograd only calls our backward (and so reaches the
             # LoRA weights inside) when an input requires grad
             hidden_states = hidden_states.detach().requires_grad_(True)
 
-        out = _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx, self.replay_rng)
-        return out
+        return _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx, self.replay_rng,
+                                        graphed)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -197,15 +218,22 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
-                          fast: bool = True) -> ActivationOffloader | None:
+                          fast: bool = True, cuda_graphs: str = "off") -> ActivationOffloader | None:
     """Swap every decoder layer's forward for a LayerRunner. Call after adapters/freezing are applied
-    (trainability is read once here). `fast`: use model/fast_layer.py where exact. Returns the offloader."""
+    (trainability is read once here). `fast`: use model/fast_layer.py where exact. `cuda_graphs`: auto | on
+    | off, model/graphs.py (CUDA, fused layers, one process). Returns the offloader."""
     layers = decoder_layers(model)
     device = next(model.parameters()).device
     offloader = ActivationOffloader(device) if (checkpoint and offload) else None
+    bank = None
+    if cuda_graphs != "off" and device.type == "cuda" and fast and checkpoint:
+        from codetune.model.graphs import GraphBank, graphs_allowed
+
+        bank = GraphBank(cuda_graphs) if graphs_allowed() else None
+    model._codetune_graphs = bank  # (read by the trainer's run report)
     prev = None
     for i, layer in enumerate(layers):
-        runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast)
+        runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast, bank)
         layer.forward = runner
         if runner.trainable or prev is not None:
             prev = i

@@ -88,12 +88,20 @@ class Projections:
         """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until the
         optimizer (or a checkpoint load) changes a tensor in place — each cast and the concatenation
         is a kernel launch, and the node runs three times per step (forward, recompute, backward)."""
+        if As[lora[0]].is_cuda and torch.cuda.is_current_stream_capturing():
+            # inside a CUDA graph (model/graphs.py) the casts are part of the graph, so every replay
+            # reads the parameters' current values; a cached copy would be frozen into it
+            return self._cast(As, Bs, lora, dtype)
         key = (dtype, _EPOCH[0]) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
         if self._cache_key != key:
-            a = torch.cat([As[i] for i in lora]) if len(lora) > 1 else As[lora[0]]
-            self._cache = (a.to(dtype), [Bs[i].to(dtype) for i in lora])
+            self._cache = self._cast(As, Bs, lora, dtype)
             self._cache_key = key
         return self._cache
+
+    @staticmethod
+    def _cast(As, Bs, lora: list[int], dtype: torch.dtype):
+        a = torch.cat([As[i] for i in lora]) if len(lora) > 1 else As[lora[0]]
+        return a.to(dtype), [Bs[i].to(dtype) for i in lora]
 
     def bias(self, dtype: torch.dtype):
         """The concatenated biases in `dtype` (None without any), built once: lora_parts only admits

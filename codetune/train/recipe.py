@@ -88,7 +88,7 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
         # (with weights offloaded to CPU, Accelerate's hooks must move each weight in: PEFT's forward does that)
         install_fast_lora(model)
     offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload,
-                                      fast=tcfg.fast_layers and not offloaded)
+                                      fast=tcfg.fast_layers and not offloaded, cuda_graphs=tcfg.cuda_graphs)
     return model, offloader
 
 

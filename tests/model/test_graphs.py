@@ -1,0 +1,38 @@
+"""CPU-side pieces of model/graphs.py (the graphs themselves need a GPU: tests/gpu/test_cuda_graphs.py)."""
+
+import torch
+
+from codetune.model.graphs import _flatten, _rebuild
+
+
+def test_signature_keys_shapes_and_values_and_rebuild_keeps_structure():
+    cos, sin, mask = torch.zeros(1, 8, 4), torch.ones(1, 8, 4), torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    kw = {"position_embeddings": (cos, sin), "attention_mask": mask, "use_cache": False, "cache_position": None}
+    sig, tensors = _flatten(kw)
+    assert tensors[0] is mask and tensors[1] is cos and tensors[2] is sin  # sorted by name
+    assert _flatten({**kw, "use_cache": True})[0] != sig
+    assert _flatten({**kw, "attention_mask": torch.ones(1, 1, 9, 9, dtype=torch.bool)})[0] != sig
+    assert _flatten({**kw, "attention_mask": None})[0] != sig
+    statics = [t.clone() for t in tensors]
+    rebuilt = _rebuild(kw, statics)
+    assert rebuilt["attention_mask"] is statics[0]
+    assert rebuilt["position_embeddings"][0] is statics[1] and rebuilt["position_embeddings"][1] is statics[2]
+    assert isinstance(rebuilt["position_embeddings"], tuple) and rebuilt["use_cache"] is False
+
+
+def test_unkeyable_argument_means_no_graph():
+    assert _flatten({"past_key_values": object()}) is None
+
+
+def test_no_graphs_on_cpu():
+    from codetune.config import AdapterConfig, ModelConfig
+    from codetune.model.adapters import apply_adapters
+    from codetune.model.layers import install_layer_runners, uninstall_layer_runners
+    from codetune.model.load import load_model
+
+    base, _ = load_model(ModelConfig(model="tiny-stablelm", random_init=True, precision="fp32"),
+                         torch.device("cpu"), vocab_size=512)
+    m = apply_adapters(base, AdapterConfig()).train()
+    install_layer_runners(m, checkpoint=True, cuda_graphs="on")
+    assert m._codetune_graphs is None
+    uninstall_layer_runners(m)
