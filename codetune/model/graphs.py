@@ -33,9 +33,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# auto mode graphs micro-batches up to this many tokens: above it a step is GPU-bound (measured: see
-# docs/performance.md) and the static buffers and the private pool only cost memory.
-AUTO_MAX_TOKENS = 8192
+# auto mode graphs micro-batches up to this many tokens: above it a step is GPU-bound (measured on an
+# H200: 8k tokens 17.9k tok/s graphed vs 18.1k eager, docs/performance.md) and the static buffers and
+# the private pool only cost memory.
+AUTO_MAX_TOKENS = 4096
 
 
 def _flatten(kwargs: dict):
@@ -88,7 +89,10 @@ class _Statics:
 
 
 class GraphBank:
-    """What all layers' graphs share: the memory pool, the static buffers, the on/off state."""
+    """What all graphs of one model share: the memory pool, the static buffers, the on/off state.
+
+    Graphs of one micro-batch shape at a time: a new shape (another --seq-len, a benchmark sweep) drops
+    every graph and the pool before capturing again, so memory never holds two shapes' working sets."""
 
     def __init__(self, mode: str = "auto"):
         self.mode = mode
@@ -97,11 +101,40 @@ class GraphBank:
         self.enabled = True
         self.failure: str | None = None
         self.captured = 0
+        self.shape: tuple | None = None   # (batch, seq) the graphs are for
+        self.generation = 0               # bumped when they are dropped
+        self.calls: dict = {}             # GraphedCall per key
+        self.holders: list = []           # everything holding graphs: cleared on a new shape
+
+    def call(self, key, fn) -> GraphedCall:
+        """The GraphedCall of fn under `key` (made on first use; fn must depend only on what key names)."""
+        c = self.calls.get(key)
+        if c is None:
+            c = self.calls[key] = GraphedCall(self, fn)
+        return c
 
     def usable(self, hidden: torch.Tensor) -> bool:
+        """May a layer pass on this input be graphed? (Switches the bank to the input's shape.)"""
         if not (self.enabled and hidden.is_cuda) or torch.is_autocast_enabled("cuda"):
             return False
-        return self.mode == "on" or hidden.shape[0] * hidden.shape[1] <= AUTO_MAX_TOKENS
+        if not (self.mode == "on" or hidden.shape[0] * hidden.shape[1] <= AUTO_MAX_TOKENS):
+            return False
+        shape = tuple(hidden.shape[:2])
+        if shape != self.shape:
+            self._drop()
+            self.shape = shape
+        return True
+
+    def _drop(self) -> None:
+        if self.shape is None:
+            return
+        self.generation += 1
+        for holder in self.holders:
+            holder.clear()
+        self.statics.clear()
+        self.pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the old pool's memory goes back once no graph holds it
 
     def statics_for(self, sig, hidden: torch.Tensor, tensors: list[torch.Tensor]) -> _Statics:
         s = self.statics.get(sig)
@@ -201,6 +234,10 @@ class LayerGraphs:
         self.bank = bank
         self.params = [p for p in layer.parameters() if p.requires_grad]
         self.by_sig: dict = {}
+        bank.holders.append(self)
+
+    def clear(self) -> None:
+        self.by_sig.clear()
 
     def get(self, hidden: torch.Tensor, kwargs: dict, run, key_extra=()) -> tuple[GraphedLayer, list] | None:
         """(graphed pass, keyword tensors to load) for this call, or None if it can't be graphed.
@@ -226,3 +263,44 @@ def graphs_allowed() -> bool:
     bypasses."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1)
+
+
+class GraphedCall:
+    """fn(*inputs) -> tuple of tensors as a CUDA graph in the bank's pool, for inputs of the bank's current
+    shape (the chunked cross-entropy: its logits chunks then share memory with the layers' passes instead
+    of sitting beside them in the ordinary pool). Returns None where the caller must run fn eagerly."""
+
+    def __init__(self, bank: GraphBank, fn):
+        self.bank, self.fn = bank, fn
+        self.entries: dict = {}
+        bank.holders.append(self)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __call__(self, *inputs: torch.Tensor):
+        bank = self.bank
+        if not bank.enabled or bank.shape is None or torch.is_autocast_enabled("cuda"):
+            return None
+        if inputs[0].shape[0] != bank.shape[0] * bank.shape[1]:  # not the layers' micro-batch shape
+            return None
+        sig = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        e = self.entries.setdefault(sig, {"calls": 0, "graph": None})
+        e["calls"] += 1
+        if e["graph"] is None:
+            if e["calls"] < 2:
+                return None
+            e["inputs"] = [torch.empty_like(t) for t in inputs]
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g, pool=bank.pool):
+                    e["outputs"] = self.fn(*e["inputs"])
+            except Exception as err:  # noqa: BLE001
+                bank.fail("capturing the loss", err)
+                return None
+            e["graph"] = g
+            bank.captured += 1
+        for dst, src in zip(e["inputs"], inputs):
+            dst.copy_(src)
+        e["graph"].replay()
+        return tuple(o.clone() for o in e["outputs"])

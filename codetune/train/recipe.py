@@ -36,7 +36,7 @@ class CausalLMLoss(torch.nn.Module):
 
         lm = causal_lm(self.model)
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-        return linear_cross_entropy(hidden, lm.lm_head.weight, labels)
+        return linear_cross_entropy(hidden, lm.lm_head.weight, labels, getattr(self.model, "_codetune_graphs", None))
 
 
 @dataclasses.dataclass

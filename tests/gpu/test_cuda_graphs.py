@@ -24,7 +24,8 @@ def _model(precision, train_layers="all"):
     return m
 
 
-def _train(m, graphs, batches, steps=4):
+def _train(m, graphs, schedule):
+    """schedule: per optimizer step, the list of (ids, position_ids) micro-batches it accumulates."""
     from codetune.model.layers import install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import adapters_changed, install_fast_lora, uninstall_fast_lora
     from codetune.train.loss import linear_cross_entropy
@@ -38,11 +39,11 @@ def _train(m, graphs, batches, steps=4):
     opt.register_step_post_hook(adapters_changed)
     lm = m.get_base_model()
     losses, grads = [], []
-    for _ in range(steps):
+    for batches in schedule:
         total = 0.0
         for ids, pos in batches:  # gradient accumulation over the micro-batches
             h = lm.model(input_ids=ids, position_ids=pos).last_hidden_state
-            loss = linear_cross_entropy(h, lm.lm_head.weight, torch.roll(ids, -1, 1)) / ids.numel()
+            loss = linear_cross_entropy(h, lm.lm_head.weight, torch.roll(ids, -1, 1), bank) / ids.numel()
             loss.backward()
             total += loss.item()
         losses.append(total)
@@ -74,11 +75,12 @@ def test_graphs_match_eager(precision, packed, train_layers, chunked, monkeypatc
         ids = torch.randint(0, 512, (1, 256), generator=g).to(dev)
         pos = (torch.cat([torch.arange(100), torch.arange(156)]) if packed else torch.arange(256)).to(dev)[None]
         batches.append((ids, pos))
-    ref_losses, ref_grads, none = _train(m, "off", batches)
+    ref_losses, ref_grads, none = _train(m, "off", [batches] * 4)
     assert none is None
-    losses, grads, bank = _train(m, "on", batches)
+    losses, grads, bank = _train(m, "on", [batches] * 4)
     assert bank is not None and bank.failure is None, bank and bank.failure
     assert bank.captured > 0
+    assert any(e["graph"] is not None for c in bank.calls.values() for e in c.entries.values())  # the loss too
     for step, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= 1e-4 * abs(b), (step, a, b)
     for step, (ga, gb) in enumerate(zip(grads, ref_grads)):
@@ -86,3 +88,18 @@ def test_graphs_match_eager(precision, packed, train_layers, chunked, monkeypatc
             assert ((x - y).norm() / y.norm().clamp(min=1e-12)).item() < 1e-3, step
     # the adapters really moved: a graph replaying step 0's adapters would have matched only step 0
     assert abs(losses[-1] - losses[0]) > 1e-3
+
+
+def test_new_shape_drops_old_graphs():
+    """A second sequence length drops the first one's graphs (one shape's pool at a time) and stays exact."""
+    m = _model("nf4")
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    mk = lambda n: [(torch.randint(0, 512, (1, n), generator=g).to(dev), torch.arange(n, device=dev)[None])]  # noqa: E731
+    long_b, short_b = mk(256), mk(128)
+    schedule = [long_b] * 3 + [short_b] * 3 + [long_b] * 2
+    ref, _, _ = _train(m, "off", schedule)
+    got, _, bank = _train(m, "on", schedule)
+    assert bank.failure is None and bank.generation == 2 and bank.shape == (1, 256)
+    for a, b in zip(got, ref):
+        assert abs(a - b) <= 1e-4 * abs(b), (got, ref)
