@@ -101,7 +101,8 @@ class GraphBank:
         self.enabled = True
         self.failure: str | None = None
         self.captured = 0
-        self.shape: tuple | None = None   # (batch, seq) the graphs are for
+        self.shape: tuple | None = None   # (batch, seq) of the current micro-batches
+        self.active = False               # are they graphed (mode, AUTO_MAX_TOKENS)?
         self.generation = 0               # bumped when they are dropped
         self.calls: dict = {}             # GraphedCall per key
         self.holders: list = []           # everything holding graphs: cleared on a new shape
@@ -114,16 +115,16 @@ class GraphBank:
         return c
 
     def usable(self, hidden: torch.Tensor) -> bool:
-        """May a layer pass on this input be graphed? (Switches the bank to the input's shape.)"""
+        """May a layer pass on this input be graphed? A new micro-batch shape, graphed or not, first
+        drops the old shape's graphs (measured: a 4k pool left behind cost the 8k run 0.9 GiB)."""
         if not (self.enabled and hidden.is_cuda) or torch.is_autocast_enabled("cuda"):
-            return False
-        if not (self.mode == "on" or hidden.shape[0] * hidden.shape[1] <= AUTO_MAX_TOKENS):
             return False
         shape = tuple(hidden.shape[:2])
         if shape != self.shape:
             self._drop()
             self.shape = shape
-        return True
+            self.active = self.mode == "on" or shape[0] * shape[1] <= AUTO_MAX_TOKENS
+        return self.active
 
     def _drop(self) -> None:
         if self.shape is None:
@@ -280,7 +281,7 @@ class GraphedCall:
 
     def __call__(self, *inputs: torch.Tensor):
         bank = self.bank
-        if not bank.enabled or bank.shape is None or torch.is_autocast_enabled("cuda"):
+        if not (bank.enabled and bank.active) or torch.is_autocast_enabled("cuda"):
             return None
         if inputs[0].shape[0] != bank.shape[0] * bank.shape[1]:  # not the layers' micro-batch shape
             return None
