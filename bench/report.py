@@ -38,19 +38,25 @@ def table(results: list[dict]) -> list[str]:
     peers = {("unsloth", key(r)): r for r in results if r.get("peer") == "unsloth"}
     peers.update({("hf", key(r)): r for r in results if r.get("peer") == "hf-peft-bnb"})
     ours = [r for r in results if r.get("engine") == "codetune" and "tokens_per_s" in r]
-    out = ["| configuration | codetune tok/s | reserved GiB | vs Unsloth speed | vs Unsloth memory "
-           "| vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|"]
+    out = ["| configuration | codetune tok/s | reserved GiB | (reserved − allocated) / allocated | vs Unsloth speed "
+           "| vs Unsloth memory | vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["quant"], r.get("last_layers", 0), r["seq"])):
         name = f"{r['quant']}, {r['seq'] // 1024}k" + (f", last {r['last_layers']} layers" if r.get("last_layers") else "")
         if r.get("fast_layers") is False:
             name += ", fused layers off"
         if r.get("dequant"):
             name += f", {r['dequant']} dequant"
+        graphs = r.get("cuda_graphs")
+        if graphs == "off" or (graphs and not r.get("graphs_captured")):
+            name += ", eager" if graphs != "off" else ", CUDA graphs off"
+        elif graphs:
+            name += ", CUDA-graphed"
         if r.get("offload") not in (None, "auto"):
             name += f", offload {r['offload']}"
         if r.get("max_vram"):
             name += f" (--max-vram {r['max_vram']})"
-        cells = [name, f"{r['tokens_per_s']:,.0f}", f"{r['peak_reserved_gib']:.2f}"]
+        slack = (r["peak_reserved_gib"] - r["peak_allocated_gib"]) / r["peak_allocated_gib"] if r.get("peak_allocated_gib") else None
+        cells = [name, f"{r['tokens_per_s']:,.0f}", f"{r['peak_reserved_gib']:.2f}", "–" if slack is None else f"{slack:.1%}"]
         for peer in ("unsloth", "hf"):
             # last:N is compared with the peer's all-layer run (issue 5, target 2)
             p = peers.get((peer, (r["quant"], r["seq"], 0)))

@@ -237,9 +237,18 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     dequant = max(i * o for i, o, _ in shape.linears().values()) * 2 if precision in ("nf4", "int8") else 0
     workspace = CUBLAS_WORKSPACE + dequant + 3 * T * 8  # + int64 ids, positions, labels
 
+    # CUDA graphs (model/graphs.py) keep three residual-stream buffers, and the layer passes' working set
+    # lives in the graphs' private pool, which the eager part of the step can't share (measured at 4k on
+    # an H200: +0.74 GiB reserved; at 2k +0.17 — this term is the conservative side of that)
+    from codetune.model.graphs import AUTO_MAX_TOKENS
+
+    graphed = (train.grad_checkpointing and train.fast_layers and not full
+               and (train.cuda_graphs == "on" or (train.cuda_graphs == "auto" and T <= AUTO_MAX_TOKENS)))
+    graphs = 3 * T * h * act + recompute if graphed else 0
+
     parts = {"weights": weights, "lora_params": params, "grads": grads, "optimizer": opt,
              "activations_kept": kept, "attn_mask": mask, "layer_recompute": recompute, "loss_chunk": loss,
-             "workspace": workspace}
+             "workspace": workspace, "cuda_graphs": graphs}
     notes = {"weights": f"{precision}, {shape.total_params() / 1e9:.2f}B params",
              "lora_params": "" if full else f"r={adapter.rank}, {sum(k for k, _ in tensors) / 1e6:.1f}M params, fp32",
              "grads": "trained weights' dtype" if full else "fp32",
@@ -249,7 +258,8 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
              "attn_mask": f"packed-sequence mask ({mcfg.attn})",
              "layer_recompute": "one layer's activations + backward grads",
              "loss_chunk": f"fused CE, {chunk_rows(v)} rows per chunk",
-             "workspace": "cuBLAS, dequantized weight, bf16 casts, batch"}
+             "workspace": "cuBLAS, dequantized weight, bf16 casts, batch",
+             "cuda_graphs": "static buffers + the graphs' private pool" if graphed else "off (eager layers)"}
     flops = T * train.grad_accum * flops_per_token(shape, data.seq_len, n_train, full, train.grad_checkpointing)
     return Breakdown(parts, notes, cpu_pinned=n_train * layer_in if offload else 0,
                      tokens_per_step=T * train.grad_accum, flops_per_step=flops,
