@@ -283,9 +283,11 @@ def fit(run: Run) -> dict:
     checkpoint(final)
     log.close()
     elapsed = time.perf_counter() - t0
+    bank = getattr(run.model, "_codetune_graphs", None)  # model/graphs.py: did the layers run as CUDA graphs?
+    graphs = {"captured": bank.captured, "failure": bank.failure} if bank is not None else None
     return {"steps": final, "tokens": tokens_seen, "seconds": round(elapsed, 1),
             "tok_per_s": round(tokens_seen / max(elapsed, 1e-9), 1), "final_loss": last.get("loss"),
-            "val_loss": last.get("val_loss"), **snapshot(run.device)}
+            "val_loss": last.get("val_loss"), "cuda_graphs": graphs, **snapshot(run.device)}
 
 
 def finish(run: Run, summary: dict) -> None:

@@ -36,3 +36,37 @@ def test_no_graphs_on_cpu():
     install_layer_runners(m, checkpoint=True, cuda_graphs="on")
     assert m._codetune_graphs is None
     uninstall_layer_runners(m)
+
+
+def test_kwargs_are_copied_only_when_they_are_new_tensors():
+    from codetune.model.graphs import _Statics
+
+    a, b = torch.ones(3), torch.full((3,), 2.0)
+    s = _Statics(torch.empty(1), torch.empty(1), torch.empty(1), [torch.zeros(3)])
+    s.load_kwargs([a])
+    assert torch.equal(s.kw[0], a)
+    a.add_(5)  # same tensor object (one forward's cos/sin across the layers): not copied again
+    s.load_kwargs([a])
+    assert torch.equal(s.kw[0], torch.ones(3))
+    s.load_kwargs([b])
+    assert torch.equal(s.kw[0], b)
+
+
+def test_persistent_grads_follow_set_to_none_and_existing_grads():
+    """What the graphs accumulate into: zeroed after zero_grad(set_to_none=True), seeded from a .grad set
+    elsewhere, and the same tensor across steps (the graph holds its address)."""
+    from codetune.model.graphs import GraphedLayer
+
+    p, q = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+    gl = GraphedLayer(bank=None, statics=None, fn=None, params=[p, q])
+    gl._attach_grads()
+    buf_p, buf_q = p.grad, q.grad
+    assert torch.equal(buf_p, torch.zeros(2, 2)) and torch.equal(buf_q, torch.zeros(3))
+    p.grad.add_(1.0)
+    q.grad.add_(2.0)
+    gl._attach_grads()  # gradient accumulation: untouched
+    assert torch.equal(p.grad, torch.ones(2, 2)) and p.grad is buf_p
+    p.grad, q.grad = None, torch.full((3,), 7.0)  # zero_grad(set_to_none) / a grad set elsewhere
+    gl._attach_grads()
+    assert p.grad is buf_p and torch.equal(p.grad, torch.zeros(2, 2))
+    assert q.grad is buf_q and torch.equal(q.grad, torch.full((3,), 7.0))
