@@ -31,3 +31,19 @@ def test_throughput_bench_cpu_path(tmp_path, shared_tokenizer_path):
 def test_eval_config_errors_name_the_fix(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         EvalConfig(**kwargs).validate()
+
+
+def test_memory_snapshot_sums_segments_per_pool(monkeypatch):
+    """bench/memory_snapshot.py's summary of torch.cuda.memory._snapshot() (GPU-only to produce)."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # importing train_bench sets it
+    mod = runpy.run_path(str(BENCH.parent / "memory_snapshot.py"))
+    g = 2**30
+    snap = {"segments": [
+        {"segment_pool_id": (0, 0), "total_size": 2 * g, "allocated_size": g,
+         "blocks": [{"state": "active_allocated", "size": g}, {"state": "inactive", "size": g}]},
+        {"segment_pool_id": (1, 7), "total_size": g, "allocated_size": 0, "blocks": [{"state": "inactive", "size": g}]},
+        {"segment_pool_id": (0, 0), "total_size": g, "allocated_size": g, "blocks": [{"state": "active_allocated", "size": g}]},
+    ]}
+    s = mod["summarize"](snap)
+    assert s["ordinary"] == {"segments": 2, "reserved": 3.0, "allocated": 2.0, "largest_free_block": 1.0}
+    assert s["private (1, 7)"]["reserved"] == 1.0 and s["private (1, 7)"]["allocated"] == 0.0
