@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,3 +20,21 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_file(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) writes the file's content to a temporary path beside `path` (same suffix, so writers that
+    pick a format from it still do), which then replaces `path` in one rename: readers never see half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str, **open_kwargs) -> None:
+    """`path.write_text(text)`, atomically (see write_file)."""
+    write_file(path, lambda tmp: tmp.write_text(text, **open_kwargs))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from codetune.atomic import replace_dir
+from codetune.atomic import replace_dir, write_text
 from codetune.config import ConfigError, DataConfig, ModelConfig
 from codetune.data import fastbpe, filters, languages, pipeline
 from codetune.data.decontam import Decontaminator
@@ -86,9 +86,7 @@ def corpus_for_bpe(data: DataConfig, allowed: frozenset) -> list[Path]:
         name = hashlib.sha256("\n".join(data.sources).encode()).hexdigest()[:16]
         sample = cache_root() / "bpe-samples" / f"{name}.txt"
         sample.parent.mkdir(parents=True, exist_ok=True)
-        tmp = sample.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text("\n".join(records), encoding="utf-8", errors="replace")
-        os.replace(tmp, sample)
+        write_text(sample, "\n".join(records), encoding="utf-8", errors="replace")
         files.append(sample)
     return files
 

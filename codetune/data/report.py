@@ -3,11 +3,11 @@ user can see at a glance whether a filter ate their code."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from codetune.atomic import write_file
 from codetune.data.stats import Stats
 
 
@@ -21,10 +21,8 @@ def _fig():
 
 
 def _save(plt, fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight", metadata={"Software": None})
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=90, bbox_inches="tight", metadata={"Software": None}))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _barh(plt, path: Path, labels: list[str], values: list[float], title: str, xlabel: str,

@@ -5,9 +5,9 @@ sampled pass@k. Every completion and its outcome is saved as JSONL, so a score c
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from codetune.atomic import write_text
 from codetune.eval.generation import GenSettings, GenStats, generate
 from codetune.eval.passk import ks_for, mean_pass_at_k
 from codetune.eval.sandbox import ExecResult, Limits, detect, run_programs
@@ -53,11 +53,7 @@ def score(problems: list[dict], completions: list[list[str]], limits: Limits = L
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def evaluate(model, tok, ecfg, out_dir: Path, log=print) -> dict:

@@ -5,9 +5,9 @@ curves when its metrics file is found). Files are written to temporary names and
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
+from codetune.atomic import write_file, write_text
 from codetune.train.metrics import read_metrics
 
 PUBLISHED_PASS1 = 0.324  # stable-code-3b's published HumanEval (Python) pass@1
@@ -71,9 +71,7 @@ def table(by_model: dict[str, dict]) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
 def bar_chart(by_model: dict[str, dict], path: Path) -> bool:
@@ -152,7 +150,5 @@ def write_report(out_dir: Path, by_model: dict[str, dict], train_metrics: Path |
         parts += [f"- {n}" for n in sandbox.get("notes", [])] + ([""] if sandbox.get("notes") else [])
     parts += notes or []
     path = out_dir / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(parts) + "\n")
     return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from codetune import registry
+from codetune.atomic import write_text
 from codetune.config import ConfigError, ModelConfig, to_dict
 from codetune.model.load import pick_device
 
@@ -102,9 +102,7 @@ def run_suites(model, tok, ecfg, data_dir: str, out_dir: Path, fim_tasks) -> dic
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def find_train_metrics(ns, adapter_path: str | None) -> Path | None:

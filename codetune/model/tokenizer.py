@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from codetune import registry
+from codetune.atomic import write_file
 
 
 class TokenizerError(ValueError):
@@ -86,9 +87,7 @@ def corpus_tokenizer(files: list[Path], vocab_size: int = 4096, cache_dir: Path 
     path = (cache_dir or cache_root() / "tokenizers") / h.hexdigest()[:16] / "tokenizer.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        train_bpe(files, vocab_size).save(str(tmp))
-        os.replace(tmp, path)
+        write_file(path, lambda tmp: train_bpe(files, vocab_size).save(str(tmp)))
     return ensure_special_tokens(_wrap(path))
 
 
