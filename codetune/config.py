@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A bad setting: the message names the key and how to fix it."""
 
 
+# --cuda-graphs auto graphs micro-batches up to this many tokens: above it a step is GPU-bound (measured on an
+# H200: 8k tokens 17.9k tok/s graphed vs 18.1k eager, docs/performance.md) and the graphs' static buffers
+# and private pool would only cost memory. Read by model/graphs.py and the planner.
+CUDA_GRAPHS_AUTO_MAX_TOKENS = 4096
+
 def opt(default, help: str, choices: tuple | None = None):
     """A field with its help text (and allowed values) kept next to its default."""
     meta = {"help": help, "choices": choices}
@@ -182,8 +187,8 @@ class TrainConfig:
     fast_layers: bool = opt(True, "fused decoder-layer forward (q/k/v + rotary and gate/up + SwiGLU as one node each) "
                                   "where exact; off = transformers' layer forward")
     cuda_graphs: str = opt("auto", "replay each layer's training passes as CUDA graphs (fused layers, one process): "
-                                   "auto = micro-batches up to 8192 tokens, where steps are CPU-bound; on; off",
-                           ("auto", "on", "off"))
+                                   f"auto = micro-batches up to {CUDA_GRAPHS_AUTO_MAX_TOKENS} tokens, where steps are "
+                                   "CPU-bound; on; off", ("auto", "on", "off"))
     eval_every: int = opt(100, "validate every N steps; 0 disables")
     eval_batches: int = opt(20, "validation batches per evaluation")
     early_stopping: int = opt(0, "stop after N evaluations without improvement; 0 disables")

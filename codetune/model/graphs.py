@@ -31,12 +31,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS as AUTO_MAX_TOKENS  # (why 4096: see there)
+
 log = logging.getLogger(__name__)
 
-# auto mode graphs micro-batches up to this many tokens: above it a step is GPU-bound (measured on an
-# H200: 8k tokens 17.9k tok/s graphed vs 18.1k eager, docs/performance.md) and the static buffers and
-# the private pool only cost memory.
-AUTO_MAX_TOKENS = 4096
+
+def _tensor_seq(v) -> bool:
+    """A non-empty tuple/list of tensors (position_embeddings = (cos, sin))."""
+    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(t, torch.Tensor) for t in v)
 
 
 def _flatten(kwargs: dict):
@@ -47,7 +49,7 @@ def _flatten(kwargs: dict):
         if isinstance(v, torch.Tensor):
             sig.append((name, tuple(v.shape), v.dtype, v.device))
             tensors.append(v)
-        elif isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        elif _tensor_seq(v):
             sig.append((name, tuple((tuple(t.shape), t.dtype, t.device) for t in v)))
             tensors.extend(v)
         elif v is None or isinstance(v, (bool, int, float, str)):
@@ -64,7 +66,7 @@ def _rebuild(kwargs: dict, statics: list[torch.Tensor]) -> dict:
         v = kwargs[name]
         if isinstance(v, torch.Tensor):
             out[name] = next(it)
-        elif isinstance(v, (tuple, list)) and v and all(isinstance(t, torch.Tensor) for t in v):
+        elif _tensor_seq(v):
             out[name] = type(v)(next(it) for _ in v)
         else:
             out[name] = v

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from codetune import registry
-from codetune.config import ConfigError
+from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS, ConfigError
 
 MiB, GiB = 2**20, 2**30
 
@@ -240,10 +240,8 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     # CUDA graphs (model/graphs.py) keep three residual-stream buffers, and the layer passes' working set
     # lives in the graphs' private pool, which the eager part of the step can't share (measured at 4k on
     # an H200: +0.74 GiB reserved; at 2k +0.17 — this term is the conservative side of that)
-    from codetune.model.graphs import AUTO_MAX_TOKENS
-
     graphed = (train.grad_checkpointing and train.fast_layers and not full
-               and (train.cuda_graphs == "on" or (train.cuda_graphs == "auto" and T <= AUTO_MAX_TOKENS)))
+               and (train.cuda_graphs == "on" or (train.cuda_graphs == "auto" and T <= CUDA_GRAPHS_AUTO_MAX_TOKENS)))
     graphs = 3 * T * h * act + recompute if graphed else 0
 
     parts = {"weights": weights, "lora_params": params, "grads": grads, "optimizer": opt,
