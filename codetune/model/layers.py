@@ -61,24 +61,24 @@ class ActivationOffloader:
             buf.copy_(t)
             return
         self._release_sources()
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
-            buf.copy_(t, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-        self.sources[idx] = (t, ev)
+        self.sources[idx] = (t, self._side_copy(buf, t))
 
     def prefetch(self, idx: int) -> None:
         if idx in self.fetched or idx not in self.buffers or self.copy_stream is None:
             return
         buf = self.buffers[idx]
         dst = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)  # compute-stream pool
+        self.fetched[idx] = (dst, self._side_copy(dst, buf))
+
+    def _side_copy(self, dst: torch.Tensor, src: torch.Tensor):
+        """dst.copy_(src) on the copy stream, after the compute stream's work so far; returns the event
+        that marks the copy's end."""
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            dst.copy_(buf, non_blocking=True)
+            dst.copy_(src, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record()
-        self.fetched[idx] = (dst, ev)
+        return ev
 
     def load(self, idx: int) -> torch.Tensor:
         if self.copy_stream is None:
