@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from codetune.model.lora_fast import Projections, Rotary, compute_dtype_of, fused, lora_parts
+from codetune.model.lora_fast import Projections, Rotary, compute_dtype_of, fused, holding, lora_parts
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -50,20 +50,27 @@ def _dropout_free(layer) -> bool:
 
 # The MLP runs in row chunks when its widest activation (tokens x intermediate, bf16) would exceed this:
 # at 16k tokens stable-code-3b's gate|up output alone is 453 MiB, and backward needs it twice over.
-MLP_CHUNK_BYTES = 128 * 2**20
+# Chunks cost no FLOPs (see _ChunkedMLP) but CPU time per launch, and an 8k step is already near
+# CPU-bound. Measured on an H200 (bench/results/raw/s4b.*), stable-code-3b NF4 tok/s / GiB reserved:
+#   8k:  32 MiB 17,120 / 2.89   64 MiB 18,288 / 3.13   128 MiB (unchunked) ~19,300 / 3.64
+#   16k: 32 MiB 13,933 / 3.79   64 MiB 14,447 / 4.04   128 MiB 14,910 / 4.74 (call A, another H200)
+MLP_CHUNK_BYTES = 64 * 2**20
 
 
 class _ChunkedMLP(torch.autograd.Function):
     """mlp(x) over chunks of the sequence, keeping only x; backward recomputes and back-propagates one
-    chunk at a time (the MLP is per-token, so chunks are independent). Costs one more MLP forward per
-    step, so it is used only past MLP_CHUNK_BYTES (long context), where memory is what limits."""
+    chunk at a time (the MLP is per-token, so chunks are independent). Inside a layer recomputed for its
+    backward (grad_only) the forward computes nothing — its output is never read — so chunking then
+    costs no extra FLOPs, only more, smaller launches; elsewhere it costs one more MLP forward."""
 
     @staticmethod
-    def forward(ctx, x, fn, rows):
-        ctx.fn, ctx.rows = fn, rows
+    def forward(ctx, x, fn, rows, grad_only, projections):
+        ctx.fn, ctx.rows, ctx.projections = fn, rows, projections
         ctx.save_for_backward(x)
         out = torch.empty_like(x)
-        with torch.no_grad():
+        if grad_only:
+            return out
+        with torch.no_grad(), holding(projections):  # (dequantize each weight once, not once per chunk)
             for sl in _slices(x.shape[1], rows):
                 out[:, sl] = fn(x[:, sl])
         return out
@@ -72,13 +79,25 @@ class _ChunkedMLP(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         dx = torch.empty_like(x)
-        for sl in _slices(x.shape[1], ctx.rows):
-            xc = x[:, sl].detach().requires_grad_(True)
-            with torch.enable_grad():
-                out = ctx.fn(xc)
-            torch.autograd.backward(out, grad[:, sl])  # LoRA gradients accumulate chunk by chunk
-            dx[:, sl] = xc.grad
-        return dx, None, None
+        with holding(ctx.projections):
+            for sl in _slices(x.shape[1], ctx.rows):
+                xc = x[:, sl].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    out = ctx.fn(xc, grad_only=True)
+                torch.autograd.backward(out, grad[:, sl])  # LoRA gradients accumulate chunk by chunk
+                dx[:, sl] = xc.grad
+        return dx, None, None, None, None
+
+
+def mlp_chunk_rows(batch: int, seq: int, inter: int, elem: int) -> int:
+    """Sequence positions per MLP chunk: the fewest chunks that keep one (rows x intermediate) activation
+    within MLP_CHUNK_BYTES, of equal size, rounded up to a multiple of 64 past 256 (no ragged last chunk;
+    row counts that GEMM tiles divide). `seq` (one chunk) when the whole MLP fits."""
+    limit = max(1, MLP_CHUNK_BYTES // (batch * inter * elem))
+    if limit >= seq:
+        return seq
+    per_chunk = -(-seq // -(-seq // limit))  # ceil(seq / number of chunks)
+    return min(seq, -(-per_chunk // 64) * 64 if per_chunk >= 256 else per_chunk)
 
 
 def _slices(n: int, step: int):
@@ -111,7 +130,10 @@ class FastDecoderLayer:
         return None if any(p is None for p in parts) else parts
 
     def __call__(self, hidden, attention_mask=None, position_ids=None, position_embeddings=None, parts=None,
-                 **_):
+                 grad_only=False, **_):
+        """The layer's output. grad_only=True: the call recomputes the layer for its backward, so the
+        output's values are never read — the down projection's matmul (and, when chunked, the whole MLP
+        forward) is skipped; every saved tensor the backward needs is still made."""
         layer, attn = self.layer, self.layer.self_attn
         b, s, h = hidden.shape
         ln1 = layer.input_layernorm
@@ -126,23 +148,22 @@ class FastDecoderLayer:
                                 position_ids=position_ids)
         a = fused(out.reshape(b, s, -1), self.o, parts[3:4], dtype)
 
-        def swiglu_mlp(t):
-            return fused(fused(t, self.gate_up, parts[4:6], dtype, "swiglu"), self.down, parts[6:7], dtype)
+        def swiglu_mlp(t, grad_only=grad_only):
+            m = fused(t, self.gate_up, parts[4:6], dtype, "swiglu")
+            return fused(m, self.down, parts[6:7], dtype, "unused" if grad_only else "none")
 
         if self.parallel:  # x = x + attn(ln1(x)) + mlp(ln1(x))
             return hidden + a + swiglu_mlp(x)
         hidden = hidden + a
         ln2 = layer.post_attention_layernorm
 
-        def mlp(t):
-            return swiglu_mlp(F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps))
+        def mlp(t, grad_only=False):
+            return swiglu_mlp(F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps), grad_only)
 
-        inter = self.gate_up.sizes[0]
-        elem = torch.finfo(dtype).bits // 8
-        rows = max(1, MLP_CHUNK_BYTES // (b * inter * elem))  # sequence positions per chunk
+        rows = mlp_chunk_rows(b, s, self.gate_up.sizes[0], torch.finfo(dtype).bits // 8)
         if rows >= s:
-            return hidden + mlp(hidden)
-        return hidden + _ChunkedMLP.apply(hidden, mlp, rows)
+            return hidden + mlp(hidden, grad_only)
+        return hidden + _ChunkedMLP.apply(hidden, mlp, rows, grad_only, (self.gate_up, self.down))
 
 
 def fast_forward(layer) -> FastDecoderLayer | None:

@@ -108,6 +108,7 @@ class GraphBank:
         self.generation = 0               # bumped when they are dropped
         self.calls: dict = {}             # GraphedCall per key
         self.holders: list = []           # everything holding graphs: cleared on a new shape
+        self.trimmed = False              # has the ordinary pool been trimmed before this shape's captures?
 
     def call(self, key, fn) -> GraphedCall:
         """The GraphedCall of fn under `key` (made on first use; fn must depend only on what key names)."""
@@ -128,7 +129,16 @@ class GraphBank:
             self.active = self.mode == "on" or shape[0] * shape[1] <= AUTO_MAX_TOKENS
         return self.active
 
+    def before_capture(self) -> None:
+        """Once per shape, before its first capture: give back what the ordinary pool cached from the
+        eager warm-up pass (one layer's working set and the loss chunks, freed but kept reserved). The
+        graphs' pool is about to hold that working set; without this, both stayed reserved."""
+        if not self.trimmed:
+            self.trimmed = True
+            torch.cuda.empty_cache()
+
     def _drop(self) -> None:
+        self.trimmed = False
         if self.shape is None:
             return
         self.generation += 1
@@ -201,12 +211,13 @@ class GraphedLayer:
     def _backward_body(self) -> None:
         x = self.s.x.detach().requires_grad_(True)
         with torch.enable_grad():
-            out = self.fn(x)
+            out = self.fn(x, grad_only=True)  # (only back-propagated through: its values are unused)
         torch.autograd.backward(out, self.s.y, inputs=[x] + self.params)
         self.s.gx.copy_(x.grad)
 
     def _capture(self, body, what: str):
         g = torch.cuda.CUDAGraph()
+        self.bank.before_capture()
         try:
             with torch.cuda.graph(g, pool=self.bank.pool):
                 body()
@@ -256,7 +267,8 @@ class LayerGraphs:
         if entry is None:
             s = self.bank.statics_for(full, hidden, tensors)
             static_kwargs = _rebuild(kwargs, s.kw)
-            entry = GraphedLayer(self.bank, s, lambda h: run(h, **static_kwargs), self.params)
+            entry = GraphedLayer(self.bank, s, lambda h, grad_only=False: run(h, grad_only=grad_only, **static_kwargs),
+                                 self.params)
             self.by_sig[(full, key_extra)] = entry
         return entry, tensors
 
@@ -295,6 +307,7 @@ class GraphedCall:
                 return None
             e["inputs"] = [torch.empty_like(t) for t in inputs]
             g = torch.cuda.CUDAGraph()
+            bank.before_capture()
             try:
                 with torch.cuda.graph(g, pool=bank.pool):
                     e["outputs"] = self.fn(*e["inputs"])

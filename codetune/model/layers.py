@@ -52,8 +52,15 @@ class ActivationOffloader:
         return buf
 
     def _release_sources(self) -> None:
-        for k in [k for k, (_, ev) in self.sources.items() if ev.query()]:
-            del self.sources[k]
+        """Drop every in-flight source but the newest. The compute stream first waits for their copies'
+        events, so a later kernel that reuses the memory runs after the copy has read it; by then (a
+        layer later) the copy is long done, so the wait costs nothing. (Dropping them only once
+        `event.query()` said done kept every source alive while the CPU ran ahead of the GPU: 26 of 32
+        layer inputs at once with CUDA graphs, 0.5 GiB at 4k, measured at the step's peak.)"""
+        stream = torch.cuda.current_stream(self.device)
+        while len(self.sources) > 1:
+            _, ev = self.sources.pop(next(iter(self.sources)))
+            stream.wait_event(ev)
 
     def store(self, idx: int, t: torch.Tensor) -> None:
         buf = self._buffer(idx, t)
@@ -101,7 +108,7 @@ class _CheckpointedLayer(torch.autograd.Function):
     """Runs fn(hidden) without keeping its activations; recomputes it in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, fn, offloader, idx, prev_idx, replay_rng, graphed):
+    def forward(ctx, hidden, anchor, fn, offloader, idx, prev_idx, replay_rng, graphed):
         ctx.fn, ctx.offloader, ctx.idx, ctx.prev_idx, ctx.graphed = fn, offloader, idx, prev_idx, graphed
         ctx.autocast = (torch.is_autocast_enabled(hidden.device.type),
                         torch.get_autocast_dtype(hidden.device.type))
@@ -130,7 +137,7 @@ class _CheckpointedLayer(torch.autograd.Function):
         if ctx.graphed is not None:
             grad_in = ctx.graphed[0].backward(hidden, grad_out, ctx.graphed[1])
             if grad_in is not None:
-                return grad_in, None, None, None, None, None, None
+                return _grads(ctx, grad_in)
         hidden = hidden.detach().requires_grad_(True)
         enabled, dtype = ctx.autocast
         replay = ctx.cpu_rng is not None  # only layers with dropout draw random numbers
@@ -141,9 +148,22 @@ class _CheckpointedLayer(torch.autograd.Function):
                 if ctx.cuda_rng is not None:
                     torch.cuda.set_rng_state(ctx.cuda_rng, hidden.device)
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                out = ctx.fn(hidden)
+                out = ctx.fn(hidden, grad_only=True)  # (only back-propagated through: its values are unused)
         torch.autograd.backward(out, grad_out)
-        return hidden.grad, None, None, None, None, None, None
+        return _grads(ctx, hidden.grad)
+
+
+def _grads(ctx, grad_in):
+    """_CheckpointedLayer.backward's return: the input's gradient only where the input wants one (not
+    behind a frozen prefix, where the anchor is what brought autograd here)."""
+    return (grad_in if ctx.needs_input_grad[0] else None), None, None, None, None, None, None, None
+
+
+# A leaf that requires grad, passed to the first trained layer behind frozen ones: autograd only calls a
+# Function's backward (and so reaches the LoRA weights inside) when some input requires grad. Making the
+# layer input itself a grad-requiring leaf instead would keep it alive until the end of backward (its
+# AccumulateGrad node holds it): 80 MiB at 16k tokens, measured at the peak.
+_ANCHOR = torch.zeros((), requires_grad=True)
 
 
 class LayerRunner:
@@ -173,12 +193,12 @@ class LayerRunner:
         adapters stay on the fast path, graphed where model/graphs.py allows."""
         parts = self.fast.parts() if (self.fast is not None and not args) else None
         if parts is None or kwargs.get("position_embeddings") is None:
-            return (lambda h: self.original(h, *args, **kwargs)), None
+            return (lambda h, grad_only=False: self.original(h, *args, **kwargs)), None
         graphed = None
         if self.graphs is not None:
             key = tuple((a.data_ptr(), b.data_ptr()) if a is not None else None for _, a, b, _ in parts)
             graphed = self.graphs.get(hidden, kwargs, lambda h, **kw: self.fast(h, parts=parts, **kw), key)
-        return (lambda h: self.fast(h, parts=parts, **kwargs)), graphed
+        return (lambda h, grad_only=False: self.fast(h, parts=parts, grad_only=grad_only, **kwargs)), graphed
 
     def __call__(self, hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and self.layer.training):
@@ -197,13 +217,9 @@ class LayerRunner:
         if not self.checkpoint:
             return fn(hidden_states)  # (autograd keeps the activations: nothing to graph)
 
-        if not hidden_states.requires_grad:
-            # first trainable layer after frozen ones: autograd only calls our backward (and so reaches the
-            # LoRA weights inside) when an input requires grad
-            hidden_states = hidden_states.detach().requires_grad_(True)
-
-        return _CheckpointedLayer.apply(hidden_states, fn, self.offloader, self.idx, self.prev_idx, self.replay_rng,
-                                        graphed)
+        anchor = None if hidden_states.requires_grad else _ANCHOR  # (first trained layer: see _ANCHOR)
+        return _CheckpointedLayer.apply(hidden_states, anchor, fn, self.offloader, self.idx, self.prev_idx,
+                                        self.replay_rng, graphed)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

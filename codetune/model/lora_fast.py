@@ -18,6 +18,9 @@ exact: one active adapter, no dropout, no DoRA, not merged. Anything else keeps 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from contextlib import ExitStack, contextmanager
+
 import torch
 
 from codetune.model.rotary_kernel import STATUS, rotary_triton
@@ -59,6 +62,13 @@ def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
 _EPOCH = [0]
 
 
+# The compute-dtype adapters of the few most recently used projections: a layer's backward reuses what
+# its recompute just cast (4 fused nodes per layer). Not every layer's: those copies (48 MiB on
+# stable-code-3b) were measured alive at the step's peak.
+_CASTS: OrderedDict = OrderedDict()
+_CASTS_KEPT = 8
+
+
 def adapters_changed(*_args) -> None:
     """Invalidate every cached compute-dtype copy of the adapters (an optimizer step hook)."""
     _EPOCH[0] += 1
@@ -73,16 +83,31 @@ class Projections:
         self.sizes = [int(b.out_features) for b in bases]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # first column of each output
         self.in_features = int(bases[0].in_features)
-        self._cache_key, self._cache = None, None
+        self.held: tuple | bool | None = None  # see holding()
         self._bias: dict[torch.dtype, torch.Tensor | None] = {}
 
     def weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if isinstance(self.held, tuple) and self.held[0] == dtype:
+            return self.held[1]
         if len(self.sources) == 1:
-            return self.sources[0](dtype)
-        w = torch.empty(sum(self.sizes), self.in_features, dtype=dtype, device=device)
-        for src, row, n in zip(self.sources, self.offsets, self.sizes):
-            src(dtype, out=w[row:row + n])  # row blocks of a contiguous matrix are contiguous
+            w = self.sources[0](dtype)
+        else:
+            w = torch.empty(sum(self.sizes), self.in_features, dtype=dtype, device=device)
+            for src, row, n in zip(self.sources, self.offsets, self.sizes):
+                src(dtype, out=w[row:row + n])  # row blocks of a contiguous matrix are contiguous
+        if self.held is False:  # holding, first use: keep it
+            self.held = (dtype, w)
         return w
+
+    @contextmanager
+    def holding(self):
+        """Keep the dequantized weight between calls inside this block (the MLP's sequence chunks use the
+        same weights once per chunk: one dequantization instead of one per chunk)."""
+        self.held = False
+        try:
+            yield
+        finally:
+            self.held = None
 
     def adapters(self, As, Bs, lora: list[int], dtype: torch.dtype):
         """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until the
@@ -93,10 +118,15 @@ class Projections:
             # reads the parameters' current values; a cached copy would be frozen into it
             return self._cast(As, Bs, lora, dtype)
         key = (dtype, _EPOCH[0]) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
-        if self._cache_key != key:
-            self._cache = self._cast(As, Bs, lora, dtype)
-            self._cache_key = key
-        return self._cache
+        hit = _CASTS.get(id(self))
+        if hit is not None and hit[0] == key:
+            _CASTS.move_to_end(id(self))
+            return hit[1]
+        val = self._cast(As, Bs, lora, dtype)
+        _CASTS[id(self)] = (key, val)
+        if len(_CASTS) > _CASTS_KEPT:
+            _CASTS.popitem(last=False)
+        return val
 
     @staticmethod
     def _cast(As, Bs, lora: list[int], dtype: torch.dtype):
@@ -114,6 +144,14 @@ class Projections:
         return self._bias[dtype]
 
 
+def holding(projections) -> ExitStack:
+    """Projections.holding() of several at once."""
+    stack = ExitStack()
+    for p in projections:
+        stack.enter_context(p.holding())
+    return stack
+
+
 class Rotary:
     """Partial rotary embedding of q and k, applied in place on the fused q|k|v output (transformers'
     `q*cos + rotate_half(q)*sin` on the first `rot` dims of each head, same rounding, op for op).
@@ -129,8 +167,11 @@ class Rotary:
         if self.heads == self.kv_heads:  # q and k in one strided view: half the launches
             yield y[:, :k_end].view(batch, seq, 2, self.heads, hd)[..., :self.rot], 2
         else:
-            yield y[:, :q_end].view(batch, seq, self.heads, hd)[..., :self.rot], 1
-            yield y[:, q_end:k_end].view(batch, seq, self.kv_heads, hd)[..., :self.rot], 1
+            yield from self._head_views([(y[:, :q_end], self.heads), (y[:, q_end:k_end], self.kv_heads)], batch)
+
+    def _head_views(self, tensors, batch: int):
+        for t, heads in tensors:
+            yield t.view(batch, t.shape[0] // batch, heads, self.head_dim)[..., :self.rot], 1
 
     def apply_(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
                inverse: bool = False) -> None:
@@ -140,16 +181,29 @@ class Rotary:
             ref = y.clone() if STATUS["ok"] is None else None  # first use: check against the PyTorch ops
             if rotary_triton(y, cos, sin, batch, self.heads + self.kv_heads, self.head_dim, self.rot // 2, inverse):
                 if ref is not None:
-                    self._ops(ref, cos, sin, batch, inverse)
+                    self._ops(self._parts(ref, batch), cos, sin, inverse)
                     STATUS["ok"] = bool(torch.equal(y, ref))
                     STATUS["check"] = "identical" if STATUS["ok"] else "differs: PyTorch ops used from now on"
                     y.copy_(ref)
                 return
-        self._ops(y, cos, sin, batch, inverse)
+        self._ops(self._parts(y, batch), cos, sin, inverse)
 
-    def _ops(self, y, cos, sin, batch, inverse):
+    def apply_qk_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
+                  inverse: bool = False) -> None:
+        """The same on separate q (batch*seq, heads*hd) and k (batch*seq, kv_heads*hd) tensors (the
+        backward gets dq and dk from attention as two tensors: no concatenated copy)."""
+        todo = []
+        for t, heads in ((q, self.heads), (k, self.kv_heads)):
+            # (the kernel was checked against the PyTorch ops by the forward's first apply_)
+            if not (t.is_cuda and STATUS["ok"]
+                    and rotary_triton(t, cos, sin, batch, heads, self.head_dim, self.rot // 2, inverse)):
+                todo.append((t, heads))
+        if todo:
+            self._ops(self._head_views(todo, batch), cos, sin, inverse)
+
+    def _ops(self, parts, cos, sin, inverse):
         half = self.rot // 2
-        for part, extra in self._parts(y, batch):
+        for part, extra in parts:
             shape = (cos.shape[0], cos.shape[1]) + (1,) * extra + (half,)
             c1, c2 = cos[..., :half].reshape(shape), cos[..., half:].reshape(shape)
             s1, s2 = sin[..., :half].reshape(shape), sin[..., half:].reshape(shape)
@@ -163,7 +217,12 @@ class Rotary:
 
 
 class _Fused(torch.autograd.Function):
-    """x -> outputs; args after `spec`: A_1, B_1, ..., A_n, B_n (None where a projection has no adapter)."""
+    """x -> outputs; args after `spec`: A_1, B_1, ..., A_n, B_n (None where a projection has no adapter).
+
+    Epilogue "unused": the caller will never read the output's values, only back-propagate through it
+    (the last projection of a layer recomputed for its backward: the recomputed layer output is thrown
+    away). Then the base matmul is skipped and the output is left uninitialised; x and x A^T are still
+    saved, so the backward is exactly the ordinary one."""
 
     @staticmethod
     def forward(ctx, x, spec, *ab):
@@ -171,22 +230,27 @@ class _Fused(torch.autograd.Function):
         in_dtype, shape = x.dtype, x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
-            w = proj.weight(dtype, x.device)
-            y = x2 @ w.t()
-            del w
-            bias = proj.bias(dtype)
-            if bias is not None:
-                y += bias
+            unused = epi == "unused"
+            if unused:  # only the graph is wanted (see the class docstring): no matmul, no values
+                y = torch.empty(x2.shape[0], sum(proj.sizes), dtype=dtype, device=x.device)
+            else:
+                w = proj.weight(dtype, x.device)
+                y = x2 @ w.t()
+                del w
+                bias = proj.bias(dtype)
+                if bias is not None:
+                    y += bias
             As, Bs = ab[0::2], ab[1::2]
             lora = [i for i, a in enumerate(As) if a is not None]
             xa = None
             if lora:
                 a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
-                xa = x2 @ a_cat.t()  # every adapter's x A_i^T in one matmul
+                xa = x2 @ a_cat.t()  # every adapter's x A_i^T in one matmul (backward needs it)
                 r0 = 0
                 for j, i in enumerate(lora):
                     r, c = As[i].shape[0], proj.offsets[i]
-                    y[:, c:c + proj.sizes[i]].addmm_(xa[:, r0:r0 + r], b_list[j].t(), alpha=scales[i])
+                    if not unused:
+                        y[:, c:c + proj.sizes[i]].addmm_(xa[:, r0:r0 + r], b_list[j].t(), alpha=scales[i])
                     r0 += r
             if epi == "rotary":
                 rotary, cos, sin = extra
@@ -208,21 +272,32 @@ class _Fused(torch.autograd.Function):
         As, Bs = ab[0::2], ab[1::2]
         n_rows = x2.shape[0]
         with torch.autocast(x2.device.type, enabled=False):
+            # the output gradient as column blocks [(tensor, first column)], never concatenated
             if epi == "swiglu":
-                dy = swiglu_backward(y, grads[0].reshape(n_rows, -1).to(dtype), proj.sizes[0])
+                # dg|du are written over the saved gate|up output, which nothing reads after this
+                blocks = [(swiglu_backward(y, grads[0].reshape(n_rows, -1).to(dtype), proj.sizes[0], out=y), 0)]
             else:
-                parts = [torch.zeros(n_rows, n, dtype=dtype, device=x2.device) if d is None
-                         else d.reshape(n_rows, n).to(dtype) for d, n in zip(grads, proj.sizes)]
-                dy = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                blocks = [(torch.zeros(n_rows, n, dtype=dtype, device=x2.device) if d is None
+                           else d.reshape(n_rows, n).to(dtype), c)
+                          for d, n, c in zip(grads, proj.sizes, proj.offsets)]
                 if epi == "rotary":
+                    # in place on dq and dk: each is attention's own gradient buffer, read by nothing else
                     rotary, cos, sin = ctx.rotary
-                    rotary.apply_(dy, cos, sin, ctx.shape[0], inverse=True)
+                    blocks[:2] = [(t if t.stride(1) == 1 else t.contiguous(), c) for t, c in blocks[:2]]
+                    rotary.apply_qk_(blocks[0][0], blocks[1][0], cos, sin, ctx.shape[0], inverse=True)
+
+            def dy_of(i: int) -> torch.Tensor:  # projection i's columns of the output gradient
+                c = proj.offsets[i]
+                for blk, c0 in blocks:
+                    if c0 <= c < c0 + blk.shape[1]:
+                        return blk[:, c - c0:c - c0 + proj.sizes[i]]
+                raise AssertionError(c)
+
             dx = None
             lora = ctx.lora
             if lora:
-                cols = proj.offsets
                 a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
-                dyb = [dy[:, cols[i]:cols[i] + proj.sizes[i]] @ b_list[j] for j, i in enumerate(lora)]
+                dyb = [dy_of(i) @ b_list[j] for j, i in enumerate(lora)]
                 dyb = dyb[0] if len(dyb) == 1 else torch.cat(dyb, dim=1)
                 svec = [scales[i] for i in lora for _ in range(As[i].shape[0])]
                 # the scale s goes into the rank-r factors once (s = alpha/r is a power of two by default)
@@ -230,8 +305,12 @@ class _Fused(torch.autograd.Function):
                 sdyb, sxa = dyb * s_t, xa * s_t
             if ctx.needs_input_grad[0]:
                 w = proj.weight(dtype, x2.device)
-                dx = dy @ w if not lora else torch.addmm(dy @ w, sdyb, a_cat)
+                for blk, c0 in blocks:  # dx = sum over blocks of dy_block @ W_block
+                    wb = w[c0:c0 + blk.shape[1]]
+                    dx = blk @ wb if dx is None else dx.addmm_(blk, wb)
                 del w
+                if lora:
+                    dx.addmm_(sdyb, a_cat)
                 dx = dx.view(ctx.shape).to(ctx.in_dtype)
             out = [None] * (2 * len(As))
             if lora:
@@ -242,8 +321,7 @@ class _Fused(torch.autograd.Function):
                     if ctx.needs_input_grad[2 + 2 * i]:
                         out[2 * i] = dA[r0:r0 + r].to(As[i].dtype)
                     if ctx.needs_input_grad[3 + 2 * i]:
-                        dyi = dy[:, cols[i]:cols[i] + proj.sizes[i]]
-                        out[2 * i + 1] = (dyi.t() @ sxa[:, r0:r0 + r]).to(Bs[i].dtype)
+                        out[2 * i + 1] = (dy_of(i).t() @ sxa[:, r0:r0 + r]).to(Bs[i].dtype)
                     r0 += r
         return (dx, None, *out)
 

@@ -38,6 +38,7 @@ if triton is not None:
         du = (dh.to(tl.float32) * act.to(tl.float32)).to(ty)
         t = (dh.to(tl.float32) * u.to(tl.float32)).to(ty).to(tl.float32)
         dg = (t * sig * (1.0 + g * (1.0 - sig))).to(ty)
+        # (dy_ptr may be y_ptr: this program read its g and u above, and no other program touches them)
         tl.store(dy_ptr + row * y_stride + cols, dg, mask=mask)
         tl.store(dy_ptr + row * y_stride + n_cols + cols, du, mask=mask)
 
@@ -52,11 +53,13 @@ def swiglu_forward(y: torch.Tensor, inter: int) -> torch.Tensor:
     return out
 
 
-def swiglu_backward(y: torch.Tensor, dh: torch.Tensor, inter: int) -> torch.Tensor:
-    """Gradient w.r.t. y = [g | u] given dh = d(silu(g) * u); returns a new (rows, 2*inter) tensor."""
-    dy = torch.empty_like(y)
+def swiglu_backward(y: torch.Tensor, dh: torch.Tensor, inter: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient w.r.t. y = [g | u] given dh = d(silu(g) * u), as a (rows, 2*inter) tensor. `out=y`
+    writes it over y (each element is read before it is overwritten): one full-size tensor less at the
+    peak of the MLP's backward (216 MiB at 8k tokens on stable-code-3b)."""
+    dy = torch.empty_like(y) if out is None else out
     dh = dh.contiguous()
-    if triton is not None and y.is_cuda and y.is_contiguous():
+    if triton is not None and y.is_cuda and y.is_contiguous() and dy.is_contiguous():
         block = 1024
         _swiglu_bwd_kernel[(y.shape[0], triton.cdiv(inter, block))](y, dh, dy, inter, y.stride(0), dh.stride(0),
                                                                       BLOCK=block)
@@ -64,6 +67,8 @@ def swiglu_backward(y: torch.Tensor, dh: torch.Tensor, inter: int) -> torch.Tens
     step = max(1, _CHUNK_ELEMS // max(inter, 1))
     for r in range(0, y.shape[0], step):
         g, u, d = y[r:r + step, :inter], y[r:r + step, inter:], dh[r:r + step]
+        du_in = d * u  # (read u before du may overwrite it)
+        dg = torch.ops.aten.silu_backward(du_in, g)
         torch.mul(d, F.silu(g), out=dy[r:r + step, inter:])
-        torch.ops.aten.silu_backward.grad_input(d * u, g, grad_input=dy[r:r + step, :inter])
+        dy[r:r + step, :inter].copy_(dg)
     return dy

@@ -247,6 +247,9 @@ def test_triton_swiglu_backward_matches_autograd():
     ref = y.grad.float()
     # at most one bf16 ulp apart (fp32 sigmoid/exp may differ from PyTorch's in the last bit)
     assert ((ours - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+    over = y.detach().clone()  # written over its input (what the fused gate|up backward does): same bits
+    assert swiglu_backward(over, dh, 1500, out=over) is over
+    assert torch.equal(over.float(), ours)
 
 
 @pytest.mark.parametrize("kv_heads,inverse", [(32, False), (32, True), (8, False)])
@@ -270,3 +273,25 @@ def test_triton_rotary_equals_pytorch_ops(kv_heads, inverse):
     got2 = y.cuda()
     rot.apply_(got2, cos.cuda(), sin.cuda(), b, inverse=inverse)  # the first-use self-check passes too
     assert STATUS["ok"] is True and torch.equal(got2.cpu(), ref), STATUS
+    # separate q and k tensors (the backward's dq, dk): the same rotation, kernel and PyTorch ops alike
+    q_end, k_end = 32 * hd, (32 + kv_heads) * hd
+    for dev in ("cuda", "cpu"):
+        q, k = y[:, :q_end].clone().to(dev), y[:, q_end:k_end].clone().to(dev)
+        rot.apply_qk_(q, k, cos.to(dev), sin.to(dev), b, inverse=inverse)
+        assert torch.equal(q.cpu(), ref[:, :q_end]) and torch.equal(k.cpu(), ref[:, q_end:k_end]), dev
+
+
+def test_cpu_embeddings_on_cuda_are_exact():
+    """model/embeddings.py: the table moves to CPU RAM, lookups land on the GPU with the same bits."""
+    from codetune.model.embeddings import offload_input_embeddings, restore_input_embeddings
+
+    m = _tiny_lora("nf4", torch.device("cuda"))
+    emb = m.get_input_embeddings()
+    ids = torch.randint(0, 512, (2, 100), device="cuda")
+    ref = emb(ids).clone()
+    assert offload_input_embeddings(m) and emb.weight.device.type == "cpu"
+    for batch in (ids, ids[:, :40], ids):  # reuses (and waits for) the pinned buffer
+        out = emb(batch)
+        assert out.is_cuda and torch.equal(out, ref[:, :batch.shape[1]])
+    restore_input_embeddings(m)
+    assert emb.weight.is_cuda and torch.equal(emb(ids), ref)

@@ -139,6 +139,39 @@ def test_swiglu_chunks_equal_autograd(monkeypatch, dtype):
     out.backward(dh)
     torch.testing.assert_close(swiglu.swiglu_forward(y.detach(), 40), out.detach(), rtol=0, atol=0)
     torch.testing.assert_close(swiglu.swiglu_backward(y.detach(), dh, 40), y.grad, rtol=0, atol=0)
+    over = y.detach().clone()  # out=y: the gradient written over the saved gate|up output, same values
+    assert swiglu.swiglu_backward(over, dh, 40, out=over) is over
+    torch.testing.assert_close(over, y.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 7 * 172 * 4 * 2])
+def test_grad_only_recompute_gives_the_same_gradients(monkeypatch, chunk_bytes):
+    """A layer recomputed for its backward skips the down projection (and a chunked MLP's whole forward):
+    its output values are garbage by design, its gradients identical to a full recompute."""
+    from codetune.model import fast_layer
+
+    if chunk_bytes:
+        monkeypatch.setattr(fast_layer, "MLP_CHUNK_BYTES", chunk_bytes)
+    m = _model()
+    install_fast_lora(m)
+    layer = decoder_layers(m)[0]
+    fast = fast_forward(layer)
+    lm = m.get_base_model().model
+    x = torch.randn(2, 30, 64)
+    pos = torch.arange(30)[None].expand(2, -1)
+    kw = {"position_embeddings": lm.rotary_emb(x, pos), "position_ids": pos}
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grad = torch.randn(2, 30, 64)
+    runs = []
+    for grad_only in (False, True):
+        xi = x.clone().requires_grad_(True)
+        out = fast(xi, parts=fast.parts(), grad_only=grad_only, **kw)
+        out.backward(grad)  # (.grad, not autograd.grad: the chunked MLP accumulates LoRA grads itself)
+        runs.append([xi.grad] + [p.grad.clone() for p in params])
+        m.zero_grad(set_to_none=True)
+    for full, skipped in zip(*runs):
+        torch.testing.assert_close(skipped, full, rtol=0, atol=0)
+    uninstall_fast_lora(m)
 
 
 def test_chunked_mlp_matches_transformers(monkeypatch):

@@ -80,3 +80,17 @@ def test_nf4_weight_source_on_cpu_uses_bitsandbytes():
     src = Nf4Weight(lin.weight)
     assert not src.use_triton  # no CUDA: bitsandbytes' path
     torch.testing.assert_close(src(torch.float32), bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
+
+
+def test_projections_hold_the_built_weight_only_inside_holding():
+    """The MLP's chunks build the (dequantized, concatenated) weight once per pass, not once per chunk."""
+    from codetune.model.lora_fast import Projections, holding
+
+    p = Projections([torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)])
+    a, b = p.weight(torch.float32, torch.device("cpu")), p.weight(torch.float32, torch.device("cpu"))
+    assert a is not b and torch.equal(a, b)
+    with holding([p]):
+        c = p.weight(torch.float32, torch.device("cpu"))
+        assert p.weight(torch.float32, torch.device("cpu")) is c
+        assert p.weight(torch.float64, torch.device("cpu")) is not c  # another dtype is built anew
+    assert p.weight(torch.float32, torch.device("cpu")) is not c and p.held is None
