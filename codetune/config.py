@@ -25,10 +25,11 @@ class ConfigError(ValueError):
     """A bad setting: the message names the key and how to fix it."""
 
 
-# --cuda-graphs auto graphs micro-batches up to this many tokens: above it a step is GPU-bound (measured on an
-# H200: 8k tokens 17.9k tok/s graphed vs 18.1k eager, docs/performance.md) and the graphs' static buffers
-# and private pool would only cost memory. Read by model/graphs.py and the planner.
-CUDA_GRAPHS_AUTO_MAX_TOKENS = 4096
+# --cuda-graphs auto graphs micro-batches up to this many tokens. Measured on an H200 (same call,
+# bench/results/raw/s4c.*): 8k graphed 18,370 tok/s vs 17,620 eager (the MLP's sequence chunks made the
+# eager 8k step CPU-bound) for +0.21 GiB; 16k graphed 14,494 vs 14,564 eager for +0.49 GiB: not worth it.
+# Read by model/graphs.py and the planner.
+CUDA_GRAPHS_AUTO_MAX_TOKENS = 8192
 
 def opt(default, help: str, choices: tuple | None = None):
     """A field with its help text (and allowed values) kept next to its default."""
@@ -182,6 +183,8 @@ class TrainConfig:
     grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of storing activations")
     offload_activations: str = opt("auto", "keep checkpointed layer inputs in pinned CPU RAM: auto (on for GPU), on, off",
                                    ("auto", "on", "off"))
+    cpu_embeddings: bool = opt(True, "keep the frozen input-embedding table in CPU RAM and copy only each batch's rows "
+                                     "to the GPU (stable-code-3b: -0.24 GiB; exact; one GPU process, untied weights)")
     max_vram: str | None = opt(None, "cap this process's GPU memory, e.g. 10GiB to emulate a 10 GB card")
     fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward")
     fast_layers: bool = opt(True, "fused decoder-layer forward (q/k/v + rotary and gate/up + SwiGLU as one node each) "

@@ -89,6 +89,10 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
         install_fast_lora(model)
     offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload,
                                       fast=tcfg.fast_layers and not offloaded, cuda_graphs=tcfg.cuda_graphs)
+    if tcfg.cpu_embeddings and not offloaded:
+        from codetune.model.embeddings import offload_input_embeddings
+
+        offload_input_embeddings(model)
     return model, offloader
 
 
