@@ -35,9 +35,17 @@ BWD_HIDDEN_GRADS = 2        # tokens x hidden gradients into and out of the laye
 MASK_BYTES = 1              # bool mask, alive for the whole step
 SDPA_BIAS_BYTES = 2         # the bias made from it, saved by the recomputed layer's attention
 EAGER_SCORE_BYTES = 4 + 2   # eager attention: fp32 softmax output + its bf16 copy, per head
+# The fused layer (model/fast_layer.py) recomputed for its backward, per token, measured at the peak of
+# 8k and 16k steps on an H200 (bench/memory_peak.py, bench/results/raw/s4b.*). It peaks in attention's
+# backward, which holds dq|dk|dv, flash's fp32 dq accumulator, the output gradient twice (as given and
+# made contiguous) and fp32 softmax sums per head.
+def attn_backward_bytes(h: int, kv: int, heads: int, elem: int = 2) -> int:
+    return elem * (h + 2 * kv) + 4 * h + 2 * elem * h + 4 * heads
+
+
 # --- overheads -----------------------------------------------------------------------------------
 CUBLAS_WORKSPACE = 32 * MiB  # cuBLAS workspace, allocated through torch's caching allocator
-ALLOCATOR_OVERHEAD = 0.07    # reserved / allocated with expandable_segments (5-10% measured)
+ALLOCATOR_OVERHEAD = 0.10    # reserved / allocated with expandable_segments (9-13% measured, 2k-16k)
 CUDA_CONTEXT = 500 * MiB     # CUDA context + kernels: NOT in torch's numbers, but on the card
 
 WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "nf4": 2, "int8": 2}  # non-linear params (nf4/int8: bf16)
@@ -168,6 +176,24 @@ def layer_saved_bytes(shape: Shape, tokens: int, train_names: list[str], rank: i
     return tokens * per_tok + quadratic
 
 
+def fused_layer_bytes(shape: Shape, tokens: int, batch: int, elem: int = 2) -> int:
+    """One fused decoder layer (model/fast_layer.py) recomputed for its backward, at its peak: what the
+    recompute saves (LN1 output, q|k|v, attention output + logsumexp, the residual after attention), then
+    the larger of attention's backward (+ the gradient it hands on) and one MLP chunk's backward (gate|up
+    output, overwritten by its gradient; SwiGLU output and its gradient; the held dequantized weights)."""
+    from codetune.model.fast_layer import mlp_chunk_rows
+
+    h, i, nh = shape.hidden, shape.intermediate, shape.heads
+    kv = shape.kv_heads * (h // nh)
+    saved = tokens * (elem * (h + (h + 2 * kv) + h + h) + 4 * nh)
+    attn = tokens * (attn_backward_bytes(h, kv, nh, elem) + elem * h)
+    seq = tokens // batch
+    chunk = batch * mlp_chunk_rows(batch, seq, i, elem)
+    held = elem * 3 * h * i if chunk < tokens else 0
+    mlp = chunk * elem * (2 * i + i + i) + held
+    return saved + max(attn, mlp)
+
+
 @dataclass
 class Breakdown:
     """Bytes per component of one training step at its peak, and what they add up to."""
@@ -212,6 +238,10 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     weights = shape.layers * sum(linear_weight_bytes(i, o, precision) + (2 * o if b else 0)
                                  for i, o, b in shape.linears().values())
     weights += (shape.layers * shape.layer_other_params() + shape.outside_params()) * WEIGHT_BYTES[precision]
+    # model/embeddings.py: a frozen, untied input-embedding table stays in CPU RAM
+    cpu_embeddings = train.cpu_embeddings and not full and not shape.tied
+    if cpu_embeddings:
+        weights -= shape.vocab * h * WEIGHT_BYTES[precision]
     tensors = trainable_tensors(cfgs, shape, precision)
     params = 0 if full else sum(k * b for k, b in tensors)  # full: the trained weights are in `weights`
     grads = sum(k * b for k, b in tensors)
@@ -221,9 +251,16 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     saved = layer_saved_bytes(shape, T, names, 0 if full else adapter.rank, mcfg.attn, train.batch_size)
     bwd = T * (BWD_WIDE_GRADS * 2 * shape.intermediate + BWD_HIDDEN_GRADS * act * h)
     layer_in = T * h * act
+    # the fused layer: LoRA on all seven projections, no dropout, checkpointed (else transformers' layer)
+    fused = (train.fast_layers and train.fast_lora and not full and adapter.method == "lora" and act == 2
+             and set(names) == set(shape.linears()) and not adapter.lora_dropout and not adapter.dora
+             and train.grad_checkpointing)
     if train.grad_checkpointing:  # frozen prefix layers run without autograd: only the trained ones keep inputs
         kept = min(n_train, OFFLOAD_IN_FLIGHT) * layer_in if offload else n_train * layer_in
         recompute = saved + bwd
+        if fused:
+            quadratic = saved - layer_saved_bytes(shape, T, names, 0, "flash_attention_2", train.batch_size)
+            recompute = fused_layer_bytes(shape, T, train.batch_size) + quadratic
     else:
         kept, recompute = n_train * (saved + layer_in), bwd
     mask = MASK_BYTES * train.batch_size * data.seq_len ** 2 if mcfg.attn in ("sdpa", "eager") else 0
@@ -237,12 +274,14 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     dequant = max(i * o for i, o, _ in shape.linears().values()) * 2 if precision in ("nf4", "int8") else 0
     workspace = CUBLAS_WORKSPACE + dequant + 3 * T * 8  # + int64 ids, positions, labels
 
-    # CUDA graphs (model/graphs.py) keep three residual-stream buffers, and the layer passes' working set
-    # lives in the graphs' private pool, which the eager part of the step can't share (measured at 4k on
-    # an H200: +0.74 GiB reserved; at 2k +0.17 — this term is the conservative side of that)
+    # CUDA graphs (model/graphs.py) keep three residual-stream buffers and the persistent .grad buffers
+    # they accumulate into (alive the whole step, not only from the first backward on), and measured
+    # about one attention-backward working set more than the eager step at its peak (fitted on an H200,
+    # 2k/4k/8k, bench/results/train_h200_2026-11-28_s4c: within 0.05 GiB, on the high side)
     graphed = (train.grad_checkpointing and train.fast_layers and not full
                and (train.cuda_graphs == "on" or (train.cuda_graphs == "auto" and T <= CUDA_GRAPHS_AUTO_MAX_TOKENS)))
-    graphs = 3 * T * h * act + recompute if graphed else 0
+    kv = shape.kv_heads * (h // shape.heads)
+    graphs = 3 * T * h * act + grads + T * attn_backward_bytes(h, kv, shape.heads) if graphed else 0
 
     parts = {"weights": weights, "lora_params": params, "grads": grads, "optimizer": opt,
              "activations_kept": kept, "attn_mask": mask, "layer_recompute": recompute, "loss_chunk": loss,
@@ -256,7 +295,8 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
              "attn_mask": f"packed-sequence mask ({mcfg.attn})",
              "layer_recompute": "one layer's activations + backward grads",
              "loss_chunk": f"fused CE, {chunk_rows(v)} rows per chunk",
-             "workspace": "cuBLAS, dequantized weight, bf16 casts, batch",
+             "workspace": "cuBLAS, dequantized weight, bf16 casts, batch"
+             + (" (input embeddings in CPU RAM)" if cpu_embeddings else ""),
              "cuda_graphs": "static buffers + the graphs' private pool" if graphed else "off (eager layers)"}
     flops = T * train.grad_accum * flops_per_token(shape, data.seq_len, n_train, full, train.grad_checkpointing)
     return Breakdown(parts, notes, cpu_pinned=n_train * layer_in if offload else 0,
