@@ -34,6 +34,16 @@ def key(r: dict) -> tuple:
     return (r.get("quant"), r.get("seq"), r.get("last_layers", 0) or 0)
 
 
+def graphed(r: dict) -> bool:
+    """Did this length run graphed? Records before 2026-11-28's session 4 carry only a per-process capture
+    count, so auto is inferred from the limit of the day (4,096 tokens then)."""
+    if "graphs_active" in r:
+        return bool(r["graphs_active"])
+    if r.get("cuda_graphs") == "on":
+        return bool(r.get("graphs_captured"))
+    return bool(r.get("graphs_captured")) and r["seq"] <= r.get("graphs_auto_max_tokens", 4096)
+
+
 def table(results: list[dict]) -> list[str]:
     peers = {("unsloth", key(r)): r for r in results if r.get("peer") == "unsloth"}
     peers.update({("hf", key(r)): r for r in results if r.get("peer") == "hf-peft-bnb"})
@@ -47,10 +57,12 @@ def table(results: list[dict]) -> list[str]:
         if r.get("dequant"):
             name += f", {r['dequant']} dequant"
         graphs = r.get("cuda_graphs")
-        if graphs == "off" or (graphs and not r.get("graphs_captured")):
-            name += ", eager" if graphs != "off" else ", CUDA graphs off"
+        if graphs == "off":
+            name += ", CUDA graphs off"
         elif graphs:
-            name += ", CUDA-graphed"
+            name += ", CUDA-graphed" if graphed(r) else ", eager"
+            if graphs == "on":
+                name += " (--cuda-graphs on)"
         if r.get("offload") not in (None, "auto"):
             name += f", offload {r['offload']}"
         if r.get("max_vram"):

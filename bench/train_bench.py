@@ -86,7 +86,13 @@ def main() -> None:
     ap.add_argument("--no-fast-lora", action="store_true")
     ap.add_argument("--no-fast-layers", action="store_true")
     ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--no-cpu-embeddings", action="store_true")
+    ap.add_argument("--mlp-chunk-mib", type=int, default=None,
+                    help="A/B of model/fast_layer.MLP_CHUNK_BYTES (default: the engine's)")
     a = ap.parse_args()
+    if a.mlp_chunk_mib is not None:
+        from codetune.model import fast_layer
+        fast_layer.MLP_CHUNK_BYTES = a.mlp_chunk_mib * 2**20
 
     from transformers import PreTrainedTokenizerFast
 
@@ -98,7 +104,7 @@ def main() -> None:
              "train.schedule": "constant", "train.max_grad_norm": 0.0, "train.offload_activations": a.offload,
              "train.grad_checkpointing": not a.no_checkpointing, "train.steps": max(a.loss_steps, 1),
              "train.fast_lora": not a.no_fast_lora, "train.fast_layers": not a.no_fast_layers,
-             "train.cuda_graphs": a.cuda_graphs}
+             "train.cuda_graphs": a.cuda_graphs, "train.cpu_embeddings": not a.no_cpu_embeddings}
     cfgs = build(["model", "adapter", "data", "train"], flags=flags)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from codetune.train.memory import cap_vram
@@ -121,6 +127,11 @@ def main() -> None:
         print(json.dumps(measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable)), flush=True)
 
 
+def _mlp_chunk_mib() -> float:
+    from codetune.model import fast_layer
+    return fast_layer.MLP_CHUNK_BYTES / 2**20
+
+
 def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> dict:
     run = SimpleNamespace(cfgs=cfgs, accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
                           optimizer=opt, scheduler=sched, train_stream=_Stream(make_batches(vocab, seq, 1)))
@@ -139,10 +150,13 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
     step_s = sorted(times)[len(times) // 2]
     res = {"engine": "codetune", "quant": a.quant, "seq": seq, "rank": a.rank, "last_layers": a.last_layers,
            "fast_lora": not a.no_fast_lora, "fast_layers": not a.no_fast_layers, "cuda_graphs": a.cuda_graphs, "offload": a.offload, "max_vram": a.max_vram,
+           "cpu_embeddings": not a.no_cpu_embeddings, "mlp_chunk_mib": _mlp_chunk_mib(),
            "trainable_params": trainable, "tokens_per_s": round(seq / step_s, 1)}
     bank = getattr(model, "_codetune_graphs", None)
     if bank is not None:
-        res.update(graphs_captured=bank.captured, graphs_failure=bank.failure)
+        from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS
+        res.update(graphs_captured=bank.captured, graphs_failure=bank.failure, graphs_active=bank.active and bank.enabled,
+                   graphs_auto_max_tokens=CUDA_GRAPHS_AUTO_MAX_TOKENS)
     if device.type == "cuda":
         res.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
                    peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),

@@ -47,3 +47,27 @@ def test_memory_snapshot_sums_segments_per_pool(monkeypatch):
     s = mod["summarize"](snap)
     assert s["ordinary"] == {"segments": 2, "reserved": 3.0, "allocated": 2.0, "largest_free_block": 1.0}
     assert s["private (1, 7)"]["reserved"] == 1.0 and s["private (1, 7)"]["allocated"] == 0.0
+
+
+def test_memory_peak_replays_a_trace_to_its_peak(monkeypatch):
+    """bench/memory_peak.py: the blocks alive at the allocated peak, grouped by our code line; reserved
+    memory followed through segment events."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # importing train_bench sets it
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    mod = runpy.run_path(str(BENCH.parent / "memory_peak.py"))
+    f = lambda line: [{"filename": "/x/torch/autograd.py", "line": 1, "name": "inner"},  # noqa: E731
+                      {"filename": "/site/codetune/model/lora_fast.py", "line": line, "name": "forward"}]
+    mb = 2**20
+    trace = [{"action": "segment_map", "size": 64 * mb},
+             {"action": "alloc", "addr": 1, "size": 10 * mb, "frames": f(10)},
+             {"action": "alloc", "addr": 2, "size": 30 * mb, "frames": f(20)},
+             {"action": "free_completed", "addr": 1, "size": 10 * mb},
+             {"action": "alloc", "addr": 3, "size": 5 * mb, "frames": f(10)},
+             {"action": "free_completed", "addr": 2, "size": 30 * mb},
+             {"action": "alloc", "addr": 4, "size": 20 * mb, "frames": f(30)},
+             {"action": "segment_unmap", "size": 32 * mb}]
+    out = mod["live_at_peak"](trace, 100 * mb, 200 * mb)
+    assert out["peak_mib"] == 140.0  # 100 before + 10 + 30 (then 135, then 125)
+    assert out["alive_at_peak"] == [{"where": "codetune/model/lora_fast.py:20 forward", "mib": 30.0, "blocks": 1},
+                                    {"where": "codetune/model/lora_fast.py:10 forward", "mib": 10.0, "blocks": 1}]
+    assert out["reserved_peak_mib"] == 264.0 and out["largest_allocations"][0]["mib"] == 30.0
