@@ -189,8 +189,8 @@ def fused_layer_bytes(shape: Shape, tokens: int, batch: int, elem: int = 2) -> i
     attn = tokens * (attn_backward_bytes(h, kv, nh, elem) + elem * h)
     seq = tokens // batch
     chunk = batch * mlp_chunk_rows(batch, seq, i, elem)
-    held = elem * 3 * h * i if chunk < tokens else 0
-    mlp = chunk * elem * (2 * i + i + i) + held
+    chunked = chunk < tokens  # then also: the held weights, and the full-length gradient in and out
+    mlp = chunk * elem * (2 * i + i + i) + (elem * (3 * h * i + 2 * tokens * h) if chunked else 0)
     return saved + max(attn, mlp)
 
 
@@ -274,14 +274,14 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     dequant = max(i * o for i, o, _ in shape.linears().values()) * 2 if precision in ("nf4", "int8") else 0
     workspace = CUBLAS_WORKSPACE + dequant + 3 * T * 8  # + int64 ids, positions, labels
 
-    # CUDA graphs (model/graphs.py) keep three residual-stream buffers and the persistent .grad buffers
-    # they accumulate into (alive the whole step, not only from the first backward on), and measured
-    # about one attention-backward working set more than the eager step at its peak (fitted on an H200,
-    # 2k/4k/8k, bench/results/train_h200_2026-11-28_s4c: within 0.05 GiB, on the high side)
+    # CUDA graphs (model/graphs.py): three static residual-stream buffers (input, output/incoming gradient,
+    # input gradient), the copies cloned out of them and the loss graph's outputs — six tokens x hidden
+    # tensors — and the persistent .grad buffers the graphs accumulate into, alive the whole step. The
+    # layer passes' working set moves into the graphs' pool rather than adding to the ordinary one.
+    # Measured on an H200 (bench/results/train_h200_2026-11-28_s4c): within 5% at 2k-16k.
     graphed = (train.grad_checkpointing and train.fast_layers and not full
                and (train.cuda_graphs == "on" or (train.cuda_graphs == "auto" and T <= CUDA_GRAPHS_AUTO_MAX_TOKENS)))
-    kv = shape.kv_heads * (h // shape.heads)
-    graphs = 3 * T * h * act + grads + T * attn_backward_bytes(h, kv, shape.heads) if graphed else 0
+    graphs = 6 * T * h * act + grads if graphed else 0
 
     parts = {"weights": weights, "lora_params": params, "grads": grads, "optimizer": opt,
              "activations_kept": kept, "attn_mask": mask, "layer_recompute": recompute, "loss_chunk": loss,
