@@ -48,7 +48,7 @@ class CpuEmbedding:
         out = rows.to(self.device, non_blocking=True) if cuda else rows.clone()
         if cuda:
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(self.device))  # (the stream the copy went on)
         return out.view(*ids.shape, w.shape[1])
 
 
