@@ -297,7 +297,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
              "loss_chunk": f"fused CE, {chunk_rows(v)} rows per chunk",
              "workspace": "cuBLAS, dequantized weight, bf16 casts, batch"
              + (" (input embeddings in CPU RAM)" if cpu_embeddings else ""),
-             "cuda_graphs": "static buffers + the graphs' private pool" if graphed else "off (eager layers)"}
+             "cuda_graphs": "static residual-stream buffers, their clones, persistent grads" if graphed else "off (eager layers)"}
     flops = T * train.grad_accum * flops_per_token(shape, data.seq_len, n_train, full, train.grad_checkpointing)
     return Breakdown(parts, notes, cpu_pinned=n_train * layer_in if offload else 0,
                      tokens_per_step=T * train.grad_accum, flops_per_step=flops,
