@@ -154,21 +154,27 @@ def _regex_values(regexes: list, line: str, low: str | None) -> list[str]:
 
 
 def _plausible(value: str, line: str, plugin) -> bool:
-    """detect-secrets' own false-positive heuristics (sequences, UUIDs, templates, `$VAR`, ids), plus its
-    Shannon-entropy limit for the high-entropy plugins (which `analyze_string` leaves to the caller).
-    Entropy cannot exceed log2 of the number of distinct characters, so a value with too few of them
-    fails the limit without computing anything (most quoted strings do)."""
-    from detect_secrets.filters import heuristic as h
-
+    """`_heuristics_pass`, after a shortcut: entropy cannot exceed log2 of the number of distinct
+    characters, so a value with too few of them fails the limit without computing anything (most
+    quoted strings do)."""
     limit = getattr(plugin, "entropy_limit", None)
     if limit is not None and len(set(value)) <= 2 ** limit:
         return False
+    return _heuristics_pass(value, line, plugin)
+
+
+def _heuristics_pass(value: str, line: str, plugin) -> bool:
+    """detect-secrets' own false-positive heuristics (sequences, UUIDs, templates, `$VAR`, ids), plus its
+    Shannon-entropy limit for the high-entropy plugins (which `analyze_string` leaves to the caller)."""
+    from detect_secrets.filters import heuristic as h
+
     if len(value) < 4 or h.is_sequential_string(value) or h.is_potential_uuid(value):
         return False
     if h.is_templated_secret(value) or h.is_prefixed_with_dollar_sign(value) or h.is_not_alphanumeric_string(value):
         return False
     if h.is_likely_id_string(value, line, plugin):
         return False
+    limit = getattr(plugin, "entropy_limit", None)
     return limit is None or plugin.calculate_shannon_entropy(value) > limit
 
 

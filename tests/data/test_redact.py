@@ -55,7 +55,7 @@ def _reference(text: str):
     for line in lines:
         for plugin, *_ in R._plugins()[0]:
             for v in plugin.analyze_string(line):
-                if v and _plausible_reference(v, line, plugin):
+                if v and R._heuristics_pass(v, line, plugin):  # (no distinct-character shortcut)
                     values.append((v, R.placeholder(plugin.secret_type)))
     values += [(m.group(), "<KEY>") for m in R.PEM_BLOCK.finditer(text)]
     values += [(m.group(), "<EMAIL>") for m in R.EMAIL.finditer(text)]
@@ -71,19 +71,6 @@ def _reference(text: str):
             text = text.replace(v, found[v])
             counts[found[v]] = counts.get(found[v], 0) + 1
     return text, counts, lines
-
-
-def _plausible_reference(value, line, plugin):
-    from detect_secrets.filters import heuristic as h
-
-    if len(value) < 4 or h.is_sequential_string(value) or h.is_potential_uuid(value):
-        return False
-    if h.is_templated_secret(value) or h.is_prefixed_with_dollar_sign(value) or h.is_not_alphanumeric_string(value):
-        return False
-    if h.is_likely_id_string(value, line, plugin):
-        return False
-    limit = getattr(plugin, "entropy_limit", None)
-    return limit is None or plugin.calculate_shannon_entropy(value) > limit
 
 
 PLANTS = [
