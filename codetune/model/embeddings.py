@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _one_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1)
+from codetune.model.graphs import single_process
 
 
 class CpuEmbedding:
@@ -64,7 +61,7 @@ def why_it_stays(model) -> str | None:
         return "its forward is already swapped (an offload hook, or moved before)"
     if out is not None and getattr(out, "weight", None) is not None and out.weight.data_ptr() == w.data_ptr():
         return "tied to the output layer"
-    if not _one_process():
+    if not single_process():
         return "several processes (DDP/FSDP keep every parameter on the GPU)"
     return None
 

@@ -16,7 +16,8 @@ How it stays exact (tests/gpu compare losses and gradients with the eager path):
   parameter (autograd adds in place into an existing .grad); after `zero_grad(set_to_none=True)` those
   buffers are zeroed and put back before the layer's first backward of the next step;
 - every graph frees its intermediates before its capture ends, so all graphs share one memory pool whose
-  size is about one layer's working set.
+  size is about one layer's working set. (`torch.cuda.graph` empties the allocator's cache before each
+  capture, so what the eager warm-up pass cached is given back rather than kept beside the pool.)
 
 Where it is not exact, it is not used: CPU, the fused layer not active, dropout (random numbers), autocast
 (fp16 GPUs), several processes (DDP/FSDP hook into gradient accumulation, which a graph bypasses). The
@@ -108,7 +109,6 @@ class GraphBank:
         self.generation = 0               # bumped when they are dropped
         self.calls: dict = {}             # GraphedCall per key
         self.holders: list = []           # everything holding graphs: cleared on a new shape
-        self.trimmed = False              # has the ordinary pool been trimmed before this shape's captures?
 
     def call(self, key, fn) -> GraphedCall:
         """The GraphedCall of fn under `key` (made on first use; fn must depend only on what key names)."""
@@ -129,16 +129,7 @@ class GraphBank:
             self.active = self.mode == "on" or shape[0] * shape[1] <= AUTO_MAX_TOKENS
         return self.active
 
-    def before_capture(self) -> None:
-        """Once per shape, before its first capture: give back what the ordinary pool cached from the
-        eager warm-up pass (one layer's working set and the loss chunks, freed but kept reserved). The
-        graphs' pool is about to hold that working set; without this, both stayed reserved."""
-        if not self.trimmed:
-            self.trimmed = True
-            torch.cuda.empty_cache()
-
     def _drop(self) -> None:
-        self.trimmed = False
         if self.shape is None:
             return
         self.generation += 1
@@ -217,7 +208,6 @@ class GraphedLayer:
 
     def _capture(self, body, what: str):
         g = torch.cuda.CUDAGraph()
-        self.bank.before_capture()
         try:
             with torch.cuda.graph(g, pool=self.bank.pool):
                 body()
@@ -273,9 +263,9 @@ class LayerGraphs:
         return entry, tensors
 
 
-def graphs_allowed() -> bool:
-    """One process only: DDP/FSDP reduce gradients from hooks on autograd's accumulation, which a graph
-    bypasses."""
+def single_process() -> bool:
+    """No DDP/FSDP: graphs need it (DDP/FSDP reduce gradients from hooks on autograd's accumulation, which a
+    graph bypasses), and so does model/embeddings.py (they expect every parameter on the process's GPU)."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1)
 
@@ -307,7 +297,6 @@ class GraphedCall:
                 return None
             e["inputs"] = [torch.empty_like(t) for t in inputs]
             g = torch.cuda.CUDAGraph()
-            bank.before_capture()
             try:
                 with torch.cuda.graph(g, pool=bank.pool):
                     e["outputs"] = self.fn(*e["inputs"])

@@ -243,9 +243,9 @@ def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
     offloader = ActivationOffloader(device) if (checkpoint and offload) else None
     bank = None
     if cuda_graphs != "off" and device.type == "cuda" and fast and checkpoint:
-        from codetune.model.graphs import GraphBank, graphs_allowed
+        from codetune.model.graphs import GraphBank, single_process
 
-        bank = GraphBank(cuda_graphs) if graphs_allowed() else None
+        bank = GraphBank(cuda_graphs) if single_process() else None
     model._codetune_graphs = bank  # (read by the trainer's run report)
     prev = None
     for i, layer in enumerate(layers):
