@@ -17,7 +17,6 @@ from collections import defaultdict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_bench  # noqa: E402
 
-RECORD_STEP = 0
 OURS = ("codetune/", "transformers/", "peft/", "bitsandbytes/")
 
 
@@ -85,6 +84,11 @@ def main():
 
     from codetune.train import recipe
 
+    record_step = 0  # which step to record (1 = the first, eager; 2 = the graphs' captures); default: after warm-up
+    if "--record-step" in sys.argv:  # (ours; the rest of argv is train_bench.py's)
+        k = sys.argv.index("--record-step")
+        record_step = int(sys.argv[k + 1])
+        del sys.argv[k:k + 2]
     orig_step, orig_measure = recipe.train_step, train_bench.measure
     state = {"calls": 0, "result": None}
 
@@ -103,17 +107,12 @@ def main():
         return out
 
     def measure(a, *args, **kwargs):
-        state["calls"], state["record_at"] = 0, RECORD_STEP or a.warmup + 1
+        state["calls"], state["record_at"] = 0, record_step or a.warmup + 1
         res = orig_measure(a, *args, **kwargs)
         res["memory_at_peak"] = state["result"]
         return res
 
     recipe.train_step, train_bench.measure = train_step, measure
-    global RECORD_STEP
-    if "--record-step" in sys.argv:  # which step to record (1 = the first, eager; 2 = graphs' captures)
-        k = sys.argv.index("--record-step")
-        RECORD_STEP = int(sys.argv[k + 1])
-        del sys.argv[k:k + 2]
     train_bench.main()
 
 
