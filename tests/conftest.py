@@ -9,7 +9,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt-neox-20b.json"
+# The GPT-NeoX-20B tokenizer (Apache-2.0; stable-code-3b's base), shipped with the tests so the suite runs
+# from the repository alone.
+NEOX_TOKENIZER = REPO / "tests" / "fixtures" / "gpt-neox-20b.json"
 
 
 def pytest_configure(config):
@@ -35,9 +37,7 @@ def stdlib() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_tokenizer_path() -> Path:
-    if not SHARED_TOKENIZER.exists():
-        pytest.skip("../shared/tokenizers/gpt-neox-20b.json not present")
-    return SHARED_TOKENIZER
+    return NEOX_TOKENIZER
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,11 @@ from codetune.data.tokenize import PieceEncoder
 from codetune.model.tokenizer import load_tokenizer
 from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "gpt-neox-20b.json"
+SHARED = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.json"
 
 
 @pytest.fixture(scope="module")
 def tok():
-    if not SHARED.exists():
-        pytest.skip("shared GPT-NeoX tokenizer not present")
     return load_tokenizer(ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(SHARED)))
 
 

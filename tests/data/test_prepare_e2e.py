@@ -15,7 +15,7 @@ from codetune.data import pipeline
 from codetune.data.prepare import prepare
 from codetune.data.shards import PackedDataset
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "gpt-neox-20b.json"
+SHARED = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.json"
 
 
 def _module(i: int) -> str:
@@ -64,8 +64,6 @@ def _cfg(corpus, out, **kw):
 
 @pytest.fixture(scope="module")
 def first_run(corpus, tmp_path_factory):
-    if not SHARED.exists():
-        pytest.skip("shared GPT-NeoX tokenizer not present")
     out = tmp_path_factory.mktemp("out") / "data"
     d, m = _cfg(corpus, out)
     return d, m, prepare(d, m)
@@ -143,8 +141,6 @@ def test_bad_configuration_stops_before_work(corpus, tmp_path):
 
 
 def test_hf_source_through_local_parquet(tmp_path):
-    if not SHARED.exists():
-        pytest.skip("shared GPT-NeoX tokenizer not present")
     f = tmp_path / "ds.parquet"
     pq.write_table(pa.table({"content": [_module(i) for i in range(6)], "path": [f"m{i}.py" for i in range(6)],
                              "repo": ["a", "a", "b", "b", "c", "c"]}), f)
@@ -155,8 +151,6 @@ def test_hf_source_through_local_parquet(tmp_path):
 
 
 def test_progress_callback_and_bars(tmp_path):
-    if not SHARED.exists():
-        pytest.skip("shared GPT-NeoX tokenizer not present")
     src = tmp_path / "src"
     src.mkdir()
     for i in range(5):
@@ -177,8 +171,6 @@ def test_progress_callback_and_bars(tmp_path):
 
 def test_record_with_a_lone_surrogate_is_counted_not_fatal(tmp_path):
     """A JSON "\\ud800" escape decodes to a string no tokenizer accepts: dropped as undecodable."""
-    if not SHARED.exists():
-        pytest.skip("shared GPT-NeoX tokenizer not present")
     f = tmp_path / "d.jsonl"
     rows = [{"content": _module(i), "path": f"m{i}.py"} for i in range(3)]
     f.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"content": "x = 1  # \\ud800 broken\\n' + "y = 2\\n" * 5

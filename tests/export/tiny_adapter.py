@@ -17,15 +17,13 @@ from codetune.model.adapters import apply_adapters
 from codetune.model.load import load_model, padded_vocab
 from codetune.model.tokenizer import ensure_special_tokens
 
-TOKENIZER = Path(__file__).resolve().parents[2] / ".." / "shared" / "tokenizers" / "gpt-neox-20b.json"
+TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.json"
 
 
 def tiny_tokenizer():
     import pytest
     from transformers import PreTrainedTokenizerFast
 
-    if not TOKENIZER.exists():
-        pytest.skip("../shared/tokenizers/gpt-neox-20b.json not present (CI has it beside the clone)")
     return ensure_special_tokens(PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER)))
 
 
