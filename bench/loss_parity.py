@@ -67,6 +67,7 @@ def run_codetune(batches, lr: float) -> list[float]:
 
     from codetune.config import build
     from codetune.train import recipe
+    from codetune.train.memory import PeakMeter
     from codetune.train.optim import build_optimizer, build_scheduler
 
     flags = {"model.model": "stable-code-3b", "model.random_init": True, "model.precision": "nf4",
@@ -82,7 +83,7 @@ def run_codetune(batches, lr: float) -> list[float]:
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = ids[:, 1:]
         items.append({"input_ids": ids, "position_ids": torch.arange(ids.shape[1])[None], "labels": labels})
-    run = SimpleNamespace(cfgs=cfgs, accelerator=SimpleNamespace(
+    run = SimpleNamespace(cfgs=cfgs, peaks=PeakMeter(device), accelerator=SimpleNamespace(
         num_processes=1, autocast=lambda: torch.autocast("cuda", enabled=False), backward=lambda x: x.backward()),
         device=device, loss_fn=recipe.CausalLMLoss(model), optimizer=opt, scheduler=build_scheduler(opt, cfgs["train"]),
         train_stream=SimpleNamespace(batch=lambda k: items[k]))

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from codetune import registry  # noqa: E402
 from codetune.config import build  # noqa: E402
 from codetune.train import recipe  # noqa: E402
+from codetune.train.memory import PeakMeter  # noqa: E402
 from codetune.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def main() -> None:
     device = torch.device("cpu")
     model, _ = recipe.build_model(cfgs, device, 4096)
     opt = build_optimizer(model, cfgs["train"], device)
-    run = SimpleNamespace(cfgs=cfgs, accelerator=_Acc("no"), device=device, loss_fn=recipe.CausalLMLoss(model),
+    run = SimpleNamespace(cfgs=cfgs, peaks=PeakMeter(device), accelerator=_Acc("no"), device=device, loss_fn=recipe.CausalLMLoss(model),
                           optimizer=opt, scheduler=build_scheduler(opt, cfgs["train"]),
                           train_stream=_Stream(make_batches(4096, a.seq, 1)))
     for i in range(3):

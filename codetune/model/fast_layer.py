@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from codetune.model.attention import SPAN_KEYS
 from codetune.model.lora_fast import Projections, Rotary, compute_dtype_of, fused, holding, lora_parts
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -130,7 +131,7 @@ class FastDecoderLayer:
         return None if any(p is None for p in parts) else parts
 
     def __call__(self, hidden, attention_mask=None, position_ids=None, position_embeddings=None, parts=None,
-                 grad_only=False, **_):
+                 grad_only=False, **kwargs):
         """The layer's output. grad_only=True: the call recomputes the layer for its backward, so the
         output's values are never read — the down projection's matmul (and, when chunked, the whole MLP
         forward) is skipped; every saved tensor the backward needs is still made."""
@@ -144,8 +145,9 @@ class FastDecoderLayer:
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        spans = {key: kwargs[key] for key in SPAN_KEYS if key in kwargs}  # packed documents (model/attention.py)
         out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
-                                position_ids=position_ids)
+                                position_ids=position_ids, **spans)
         a = fused(out.reshape(b, s, -1), self.o, parts[3:4], dtype)
 
         def swiglu_mlp(t, grad_only=grad_only):

@@ -188,25 +188,29 @@ class LayerRunner:
 
             self.graphs = LayerGraphs(bank, layer)
 
-    def _forward(self, hidden, args, kwargs):
+    def _forward(self, hidden, args, kwargs, graphs: bool = True):
         """(the layer's training forward, its CUDA-graphed passes or None): the fused forward while the
         adapters stay on the fast path, graphed where model/graphs.py allows."""
         parts = self.fast.parts() if (self.fast is not None and not args) else None
         if parts is None or kwargs.get("position_embeddings") is None:
             return (lambda h, grad_only=False: self.original(h, *args, **kwargs)), None
         graphed = None
-        if self.graphs is not None:
+        if self.graphs is not None and graphs:
             key = tuple((a.data_ptr(), b.data_ptr()) if a is not None else None for _, a, b, _ in parts)
             graphed = self.graphs.get(hidden, kwargs, lambda h, **kw: self.fast(h, parts=parts, **kw), key)
         return (lambda h, grad_only=False: self.fast(h, parts=parts, grad_only=grad_only, **kwargs)), graphed
 
     def __call__(self, hidden_states, *args, **kwargs):
         if not (torch.is_grad_enabled() and self.layer.training):
-            return self.original(hidden_states, *args, **kwargs)
+            if torch.is_grad_enabled() or kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in _CACHES):
+                return self.original(hidden_states, *args, **kwargs)
+            # validation (no grad, no KV cache): the same fused forward as training, so its numbers and its
+            # memory are those of the training path (transformers' layer would dequantize and allocate anew)
+            fn, _ = self._forward(hidden_states, args, _without_cache(kwargs), graphs=False)
+            with torch.no_grad():
+                return fn(hidden_states)
         # training never reads a KV cache; dropping it keeps the recompute identical to the forward
-        kwargs.pop("use_cache", None)
-        for key in ("cache", "past_key_values", "past_key_value"):
-            kwargs.pop(key, None)
+        kwargs = _without_cache(kwargs)
         fn, graphed = self._forward(hidden_states, args, kwargs)
         if not self.trainable and not hidden_states.requires_grad:
             out = graphed[0].forward(hidden_states, graphed[1]) if graphed is not None else None
@@ -220,6 +224,13 @@ class LayerRunner:
         anchor = None if hidden_states.requires_grad else _ANCHOR  # (first trained layer: see _ANCHOR)
         return _CheckpointedLayer.apply(hidden_states, anchor, fn, self.offloader, self.idx, self.prev_idx,
                                         self.replay_rng, graphed)
+
+
+_CACHES = ("cache", "past_key_values", "past_key_value")
+
+
+def _without_cache(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "use_cache" and k not in _CACHES}
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -3,6 +3,7 @@ smaller card, memory readings for the progress bar and summary, and an out-of-me
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -44,6 +45,31 @@ def snapshot(device: torch.device) -> dict:
     return {"alloc_gib": gib(torch.cuda.memory_allocated(device)), "reserved_gib": gib(torch.cuda.memory_reserved(device)),
             "peak_alloc_gib": gib(torch.cuda.max_memory_allocated(device)),
             "peak_reserved_gib": gib(torch.cuda.max_memory_reserved(device))}
+
+
+class PeakMeter:
+    """Peak GPU memory per phase of a run ("train" steps, "val" passes): the allocator's peak counters are
+    reset as a phase starts and folded into that phase's running maximum as it ends, so a validation pass
+    that grows the reserved pool shows as its own number instead of hiding inside the training peak."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, dict[str, int]] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield
+        if cuda:
+            p = self.peaks.setdefault(name, {"alloc": 0, "reserved": 0})
+            p["alloc"] = max(p["alloc"], torch.cuda.max_memory_allocated(self.device))
+            p["reserved"] = max(p["reserved"], torch.cuda.max_memory_reserved(self.device))
+
+    def summary(self) -> dict:
+        """{train,val}_peak_{alloc,reserved}_gib of the phases seen so far."""
+        return {f"{name}_peak_{kind}_gib": gib(v) for name, p in self.peaks.items() for kind, v in p.items()}
 
 
 def explain_oom(cfgs: dict, device: torch.device) -> str:

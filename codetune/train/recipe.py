@@ -19,24 +19,39 @@ from pathlib import Path
 import torch
 
 from codetune.config import ConfigError, to_dict
-from codetune.train.memory import cap_vram, configure_allocator, explain_oom, snapshot
+from codetune.train.memory import PeakMeter, cap_vram, configure_allocator, explain_oom, snapshot
 
 
 class CausalLMLoss(torch.nn.Module):
     """model -> summed token loss, computed from hidden states by the fused chunked cross-entropy so the
-    full logits never exist. A Module (not a function) so DDP sees the forward."""
+    full logits never exist. A Module (not a function) so DDP sees the forward. Where the model runs
+    model/attention.py's packed attention, the batch's document spans go on to every layer."""
 
     def __init__(self, model):
+        from codetune.model.adapters import causal_lm
+        from codetune.model.attention import uses_packed_attention
+
         super().__init__()
         self.model = model
+        self.packed = uses_packed_attention(causal_lm(model))
 
-    def forward(self, input_ids, position_ids, labels):
+    def forward(self, input_ids, position_ids, labels, **spans):
         from codetune.model.adapters import causal_lm
         from codetune.train.loss import linear_cross_entropy
 
         lm = causal_lm(self.model)
-        hidden = lm.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                          **(spans if self.packed else {})).last_hidden_state
         return linear_cross_entropy(hidden, lm.lm_head.weight, labels, getattr(self.model, "_codetune_graphs", None))
+
+
+def batch_inputs(batch: dict, device: torch.device) -> dict:
+    """A CPU batch as the loss function's keyword arguments on `device`: the tensors, plus the documents'
+    spans (model/attention.py), computed here on the CPU so no step waits on the GPU for them."""
+    from codetune.model.attention import document_spans, spans_to
+
+    spans = spans_to(document_spans(batch["position_ids"]), device)
+    return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **spans}
 
 
 @dataclasses.dataclass
@@ -56,6 +71,10 @@ class Run:
     run_info: dict
     offloader: object = None
     start_step: int = 0
+    peaks: PeakMeter | None = None  # train/memory.py: peak memory of the training steps and of validation
+
+    def __post_init__(self):
+        self.peaks = self.peaks or PeakMeter(self.device)
 
 
 def mixed_precision(device: torch.device) -> str:
@@ -73,7 +92,8 @@ def mixed_precision(device: torch.device) -> str:
 def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None):
     """Load -> adapters/freezing -> train mode -> layer runners (checkpointing, offload, frozen prefix).
     Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine."""
-    from codetune.model.adapters import apply_adapters
+    from codetune.model.adapters import apply_adapters, causal_lm
+    from codetune.model.attention import use_packed_attention
     from codetune.model.layers import install_layer_runners
     from codetune.model.load import load_model
     from codetune.model.lora_fast import install_fast_lora
@@ -81,6 +101,7 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     mcfg, acfg, tcfg = cfgs["model"], cfgs["adapter"], cfgs["train"]
     model, _ = load_model(mcfg, device, vocab_size=vocab_size, seed=0)
     model = apply_adapters(model, acfg, seed=tcfg.seed)
+    use_packed_attention(causal_lm(model))  # (before the layer runners: the fused layers pick it up)
     model.train()  # transformers only checkpoints in train mode; our layer runners key on it too
     offload = tcfg.offload_activations == "on" or (tcfg.offload_activations == "auto" and device.type == "cuda")
     offloaded = any(str(d) in ("cpu", "disk") for d in (getattr(model, "hf_device_map", None) or {}).values())
@@ -182,12 +203,12 @@ def validate(run: Run) -> dict:
     tcfg = run.cfgs["train"]
     run.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)
-    for b in eval_batches(run.val_ds, tcfg.batch_size, tcfg.eval_batches, run.accelerator.process_index,
-                          run.accelerator.num_processes):
-        b = {k: v.to(run.device) for k, v in b.items()}
-        with run.accelerator.autocast():
-            total[0] += run.loss_fn(b["input_ids"], b["position_ids"], b["labels"]).double()
-        total[1] += (b["labels"] != -100).sum()
+    with run.peaks.phase("val"):
+        for b in eval_batches(run.val_ds, tcfg.batch_size, tcfg.eval_batches, run.accelerator.process_index,
+                              run.accelerator.num_processes):
+            with run.accelerator.autocast():
+                total[0] += run.loss_fn(**batch_inputs(b, run.device)).double()
+            total[1] += (b["labels"] != -100).sum()
     total = run.accelerator.reduce(total, reduction="sum") if run.accelerator.num_processes > 1 else total
     run.model.train()
     if total[1] == 0:
@@ -198,6 +219,12 @@ def validate(run: Run) -> dict:
 
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step over grad_accum micro-batches; loss normalised by the step's target count."""
+    with run.peaks.phase("train"):
+        out = _train_step(run, step)
+    return {**out, **run.peaks.summary()}
+
+
+def _train_step(run: Run, step: int) -> dict:
     tcfg, acc = run.cfgs["train"], run.accelerator
     micro = [run.train_stream.batch(step * tcfg.grad_accum + i) for i in range(tcfg.grad_accum)]
     n_tgt = torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=run.device)
@@ -207,10 +234,9 @@ def train_step(run: Run, step: int) -> dict:
     scale = acc.num_processes / n_tgt.clamp(min=1)
     loss_sum = 0.0
     for i, b in enumerate(micro):
-        b = {k: v.to(run.device, non_blocking=True) for k, v in b.items()}
         ctx = acc.no_sync(run.loss_fn) if (acc.num_processes > 1 and i < len(micro) - 1) else contextlib.nullcontext()
         with ctx, acc.autocast():
-            s = run.loss_fn(b["input_ids"], b["position_ids"], b["labels"])
+            s = run.loss_fn(**batch_inputs(b, run.device))
         acc.backward(s * scale)
         loss_sum += s.detach().float()
     grad_norm = None
