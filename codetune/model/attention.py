@@ -100,10 +100,10 @@ def _per_document(q, k, v, cu: list[int], scale: float) -> torch.Tensor:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     pieces = []
     for a, e in zip(cu[:-1], cu[1:]):
-        if e > a:
-            o = F.scaled_dot_product_attention(q[a:e].transpose(0, 1), k[a:e].transpose(0, 1),
-                                               v[a:e].transpose(0, 1), is_causal=True, scale=scale)
-            pieces.append(o.transpose(0, 1))
+        if e > a:  # (contiguous (1, heads, len, d) blocks: strided views can push SDPA onto its L x L math kernel)
+            qd, kd, vd = (t[a:e].transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+            pieces.append(o[0].transpose(0, 1))
     return torch.cat(pieces, dim=0)
 
 
@@ -124,24 +124,29 @@ def _flash_exact(key: _FlashKey) -> bool:
     if torch.cuda.get_device_capability(key.device) < (8, 0) or key.head_dim % 8 or key.head_dim > 256:
         return False
     try:
-        dev = torch.device("cuda", key.device)
-        g = torch.Generator(dev).manual_seed(0)
-        cu = [0, 5, 5, 70, 200]  # a short document, an empty slot, a longer one, a tail longer than 128
-        t = cu[-1]
-        q, k, v = (torch.randn(t, h, key.head_dim, device=dev, generator=g, dtype=torch.float32)
-                   .to(key.dtype).requires_grad_(True) for h in (key.heads, key.kv_heads, key.kv_heads))
-        grad = torch.randn(t, key.heads, key.head_dim, device=dev, generator=g).to(key.dtype)
-        scale = key.head_dim ** -0.5
-        out = _VarlenFlash.apply(q, k, v, torch.tensor(cu, device=dev, dtype=torch.int32), 200, scale)
-        got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
-        q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
-        ref_out = _per_document(q32, k32, v32, cu, scale)
-        ref = [ref_out, *torch.autograd.grad(ref_out, (q32, k32, v32), grad.float())]
-        err = max(float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(got, ref))
-        ok = err < 2e-2  # bf16 operands land at 1e-3..1e-2 against an fp32 reference
+        with torch.enable_grad():  # (first use may come inside validation's no_grad)
+            return _check_flash(key)
     except (RuntimeError, NotImplementedError) as e:  # kernel not built for this GPU/dtype
         log.warning("packed attention: variable-length flash kernel unavailable (%s); per-document SDPA instead", e)
         return False
+
+
+def _check_flash(key: _FlashKey) -> bool:
+    dev = torch.device("cuda", key.device)
+    g = torch.Generator(dev).manual_seed(0)
+    cu = [0, 5, 5, 70, 200]  # a short document, an empty slot, a longer one, a tail longer than 128
+    t = cu[-1]
+    q, k, v = (torch.randn(t, h, key.head_dim, device=dev, generator=g, dtype=torch.float32)
+               .to(key.dtype).requires_grad_(True) for h in (key.heads, key.kv_heads, key.kv_heads))
+    grad = torch.randn(t, key.heads, key.head_dim, device=dev, generator=g).to(key.dtype)
+    scale = key.head_dim ** -0.5
+    out = _VarlenFlash.apply(q, k, v, torch.tensor(cu, device=dev, dtype=torch.int32), 200, scale)
+    got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+    ref_out = _per_document(q32, k32, v32, cu, scale)
+    ref = [ref_out, *torch.autograd.grad(ref_out, (q32, k32, v32), grad.float())]
+    err = max(float((a.detach().float() - b.detach()).norm() / b.detach().norm().clamp_min(1e-12)) for a, b in zip(got, ref))
+    ok = err < 2e-2  # bf16 operands land at 1e-3..1e-2 against an fp32 reference
     if not ok:
         log.warning("packed attention: variable-length flash kernel differs from the reference (rel. error %.2g); "
                     "per-document SDPA instead", err)

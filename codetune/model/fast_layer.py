@@ -145,9 +145,10 @@ class FastDecoderLayer:
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        spans = {key: kwargs[key] for key in SPAN_KEYS if key in kwargs}  # packed documents (model/attention.py)
-        out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
-                                position_ids=position_ids, **spans)
+        # packed documents: the spans model/attention.py made for the batch (none = one document a row). The
+        # position ids stay out: given them without spans, packed attention would derive spans itself.
+        spans = {key: kwargs[key] for key in SPAN_KEYS if key in kwargs}
+        out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **spans)
         a = fused(out.reshape(b, s, -1), self.o, parts[3:4], dtype)
 
         def swiglu_mlp(t, grad_only=grad_only):
