@@ -113,8 +113,9 @@ def measure(rows: list[dict], summary: dict) -> dict:
 def run_one(name: str, overrides: dict, seq: int, a, data: Path, repo: Path) -> dict:
     out_dir = Path(a.workdir) / f"run-{name}-{seq}-{int(time.time() * 1000)}"
     flags = {"data.seq_len": seq, "train.max_vram": cap_for(seq), "train.steps": a.steps(seq),
-             "train.grad_accum": 1, "train.eval_every": a.eval_every, "train.save_every": a.eval_every,
-             **overrides}
+             "train.grad_accum": 1, "train.eval_every": a.eval_every,
+             "train.save_every": a.eval_every if a.save_every is None else a.save_every,
+             **({"train.eval_batches": a.eval_batches} if a.eval_batches else {}), **overrides}
     cmd = [sys.executable, "-m", "codetune", "train", "--config", PRESET, "--random-init", "--tokenizer", a.tokenizer,
            "--data-dir", str(data), "--out-dir", str(out_dir), "--no-progress", *argv_of(flags)]
     t0 = time.perf_counter()
@@ -125,7 +126,10 @@ def run_one(name: str, overrides: dict, seq: int, a, data: Path, repo: Path) -> 
     if proc.returncode != 0:
         (Path(a.workdir) / f"{out_dir.name}.log").write_text(proc.stdout + proc.stderr)
         return {**rec, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    rows = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    metrics = (out_dir / "metrics.jsonl").read_text()
+    if a.keep_metrics:  # (per-step rows, for a look at outliers)
+        (Path(a.keep_metrics) / f"metrics-{name}-{seq}.jsonl").write_text(metrics)
+    rows = [json.loads(ln) for ln in metrics.splitlines() if ln.strip()]
     summary = json.loads((out_dir / "summary.json").read_text())
     rec.update(measure(rows, summary))
     if repo == ROOT:
@@ -143,8 +147,12 @@ def main() -> None:
     ap.add_argument("--repo", default=str(ROOT), help="checkout whose CLI runs (default: this one)")
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=240_000, help="training tokens per run (sets the steps)")
+    ap.add_argument("--min-steps", type=int, default=30)
+    ap.add_argument("--save-every", type=int, default=None, help="default: --eval-every; 0 = only at the end")
+    ap.add_argument("--eval-batches", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--keep-metrics", default=os.environ.get("OUT"), help="folder for each run's metrics.jsonl")
     a = ap.parse_args()
-    a.steps = lambda seq: max(30, a.tokens // seq)
+    a.steps = lambda seq: max(a.min_steps, a.tokens // seq)
     Path(a.workdir).mkdir(parents=True, exist_ok=True)
     repo = Path(a.repo).resolve()
     site = Path(sysconfig.get_paths()["purelib"])

@@ -47,21 +47,22 @@ def document_spans(position_ids: torch.Tensor) -> dict:
 
     A document starts where the position does not continue the previous one (+1), and at every row start
     (rows are independent sequences). `cu_seq_lens` holds the flattened (batch x seq) start of each document
-    and the total at the end; it is padded with the total up to a power-of-two number of document slots
-    (zero-length documents, which the kernels skip), so CUDA graphs see a few static shapes instead of one
-    per document count. `max_length` is the row length: a static upper bound (the flash kernel sizes its
-    grid by it; blocks past a document's end exit at once). {} when each row is one document: plain causal
-    attention needs no spans."""
+    and the total at the end, padded with the total (zero-length documents, which the kernels skip) up to a
+    fixed number of document slots: one per 256 tokens of a row (at least 8, a power of two), doubled only
+    for a batch with more documents than that. So every batch of a run has the same shapes, and CUDA graphs
+    capture each layer once instead of once per document count (each capture keeps its own static buffers).
+    `max_length` is the row length: a static upper bound (the flash kernel sizes its grid by it; blocks past
+    a document's end exit at once)."""
     pos = position_ids.detach().to("cpu", torch.int64)
     if pos.dim() == 1:
         pos = pos[None]
     b, s = pos.shape
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    if int(starts.sum()) == b:
-        return {}
     begin = starts.reshape(-1).nonzero().flatten()
-    slots = max(_MIN_SLOTS, 1 << (len(begin) - 1).bit_length())
+    slots = max(_MIN_SLOTS, 1 << (max(1, b * s // 256) - 1).bit_length())
+    while slots < len(begin):
+        slots *= 2
     cu = torch.full((slots + 1,), b * s, dtype=torch.int32)
     cu[: len(begin)] = begin.to(torch.int32)
     cu = cu.pin_memory() if torch.cuda.is_available() else cu

@@ -211,6 +211,8 @@ def validate(run: Run) -> dict:
             total[1] += (b["labels"] != -100).sum()
     total = run.accelerator.reduce(total, reduction="sum") if run.accelerator.num_processes > 1 else total
     run.model.train()
+    if run.device.type == "cuda":  # validation's blocks (other sizes than a training step's) go back to the
+        torch.cuda.empty_cache()   # driver instead of staying reserved beside the training working set
     if total[1] == 0:
         return {}
     loss = (total[0] / total[1]).item()
