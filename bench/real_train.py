@@ -150,10 +150,12 @@ def main() -> None:
     ap.add_argument("--min-steps", type=int, default=30)
     ap.add_argument("--save-every", type=int, default=None, help="default: --eval-every; 0 = only at the end")
     ap.add_argument("--eval-batches", type=int, default=None, help="default: the preset's")
-    ap.add_argument("--keep-metrics", default=os.environ.get("OUT"), help="folder for each run's metrics.jsonl")
+    ap.add_argument("--keep-metrics", default=None, help="folder for each run's metrics.jsonl")
     a = ap.parse_args()
     a.steps = lambda seq: max(a.min_steps, a.tokens // seq)
-    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    for d in (a.workdir, a.keep_metrics):
+        if d:
+            Path(d).mkdir(parents=True, exist_ok=True)
     repo = Path(a.repo).resolve()
     site = Path(sysconfig.get_paths()["purelib"])
     corpus = [str(site / c) for c in CORPUS if (site / c).exists()]
