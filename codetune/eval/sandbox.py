@@ -175,17 +175,17 @@ def _describe(rc: int | None, output: str, timed_out: bool, verdict: dict | None
 def _judge(task: Task, sock: socket.socket, limits: Limits, deadline: float) -> tuple[dict | None, bool]:
     """Run the judge to completion or the deadline: (verdict or None, timed out)."""
     cmd = [sys.executable, "-I", "-S", "-B", JUDGE, str(sock.fileno()), str(max(limits.memory_bytes, 2**30))]
-    judge = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             pass_fds=(sock.fileno(),), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
-    sock.close()  # only the judge holds this end now: when the program goes, the judge sees it at once
+    try:
+        judge = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 pass_fds=(sock.fileno(),), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+    finally:
+        sock.close()  # only the judge holds this end now: when the program goes, the judge sees it at once
     try:
         out, err = judge.communicate(json.dumps(asdict(task)).encode(), timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        _kill_group(judge.pid)
+        _kill_group(judge.pid)  # not yet reaped, so its group id is still its own
         judge.communicate()
         return None, True
-    finally:
-        _kill_group(judge.pid)
     try:
         return json.loads(out), False
     except ValueError:

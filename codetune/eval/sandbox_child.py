@@ -19,6 +19,10 @@ SMALL_TMP = ("/var/tmp", "/dev/shm")  # also world-writable: covered by their ow
 SMALL_TMP_BYTES = 2**20
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 23, 24, 28, 38, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+# SECBIT_NOROOT, _KEEP_CAPS off, _NO_CAP_AMBIENT_RAISE, each with its lock bit (setuid still drops caps)
+SECURE_NOROOT = 0b11 | 0b100000 | 0b11000000
 # statvfs f_flag bit -> the mount flag that keeps it: a bind remount must restate the flags it keeps
 ST_TO_MS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME,
             4096: MS_RELATIME}
@@ -30,6 +34,32 @@ def _mount(src: str | None, dst: str, fstype: str | None, flags: int, data: str 
     if libc.mount(*args[:3], ctypes.c_ulong(flags), args[3]) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {src} on {dst}: {os.strerror(err)}")
+
+
+def drop_privileges_for_good() -> None:
+    """No capability survives the execve below, and nothing executed later can gain one: no_new_privs
+    (setuid and file-capability programs run without their privileges), an empty bounding set, and
+    securebits so that even uid 0 — which the program is inside a user namespace, when the harness is not
+    root — gets no capabilities at exec. Without this, that uid 0 could simply unmount what hides /tmp."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def prctl(*args: int) -> None:
+        if libc.prctl(*(ctypes.c_ulong(a) for a in args), *[ctypes.c_ulong(0)] * (5 - len(args))) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl{args}: {os.strerror(err)}")
+
+    try:
+        cap = 0
+        while libc.prctl(PR_CAPBSET_READ, ctypes.c_ulong(cap), 0, 0, 0) >= 0:  # every capability there is
+            prctl(PR_CAPBSET_DROP, cap)
+            cap += 1
+        prctl(PR_SET_SECUREBITS, SECURE_NOROOT)
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        with open("/proc/self/status") as f:  # an unprivileged launcher may not do this, and need not
+            if any(ln.split() != ["CapEff:", "0" * 16] for ln in f if ln.startswith("CapEff:")):
+                raise
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def mount_points() -> list[str]:
@@ -108,6 +138,11 @@ def main() -> None:
     try:
         if spec["private_tmp"]:
             private_mounts(spec)
+    except OSError as e:
+        print(f"sandbox: {e}", file=sys.stderr)
+        os._exit(EXEC_FAILED)
+    try:
+        drop_privileges_for_good()
     except OSError as e:
         print(f"sandbox: {e}", file=sys.stderr)
         os._exit(EXEC_FAILED)

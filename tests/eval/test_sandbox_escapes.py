@@ -4,6 +4,7 @@ where the protection it checks is not active on this machine."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import replace
@@ -91,10 +92,10 @@ def test_wire_keeps_types_and_builds_only_plain_values():
 def test_private_proc_shows_only_the_sandbox():
     if not detect().private_proc:
         pytest.skip("no private /proc here: the program can list every process (docs/sandbox.md)")
-    body = "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+    body = "import json, os\nprint(json.dumps(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())))\n"
     res = run_program(body, FAST)
     assert res.passed, res.output
-    pids = eval(res.output.strip().splitlines()[-1])
+    pids = json.loads(res.output.strip().splitlines()[-1])
     assert pids == [1]  # the program itself, PID 1 of its namespace: nothing of the host
 
 
@@ -152,3 +153,12 @@ def test_a_start_without_processes_waits_instead_of_failing():
     res = run_check(humaneval.task(SQUARE, "    return x * x\n"), FAST, shared)
     bomb.join()
     assert res.passed, res.reason
+
+
+def test_the_program_holds_no_capability_and_can_gain_none():
+    body = ("import json\nprint(json.dumps(dict(ln.split()[:2] for ln in open('/proc/self/status')"
+            " if ln.startswith(('Cap', 'NoNewPrivs')))))\n")
+    res = run_program(body, FAST)
+    assert res.passed, res.output
+    fields = json.loads(res.output.strip().splitlines()[-1])
+    assert fields["CapEff:"] == fields["CapPrm:"] == fields["CapBnd:"] == "0" * 16 and fields["NoNewPrivs:"] == "1"
