@@ -58,7 +58,7 @@ def remote(sock: socket.socket, entry: str):
         try:
             send(sock, {"args": encode(list(args)), "kwargs": {k: encode(v) for k, v in kwargs.items()}})
             reply = recv(sock)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise ProgramGone(f"the program broke off a call to {entry}: {e}") from None
         if reply is None:
             raise ProgramGone(f"the program ended during a call to {entry}")
@@ -81,7 +81,7 @@ def where(exc: BaseException) -> str:
 def judge(task: dict, sock: socket.socket) -> dict:
     try:
         hello = recv(sock)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         return {"passed": False, "gone": True, "loaded": False, "reason": f"protocol error at start: {e}"}
     if hello is None:
         return {"passed": False, "gone": True, "loaded": False,

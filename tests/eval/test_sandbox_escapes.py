@@ -162,3 +162,11 @@ def test_the_program_holds_no_capability_and_can_gain_none():
     assert res.passed, res.output
     fields = json.loads(res.output.strip().splitlines()[-1])
     assert fields["CapEff:"] == fields["CapPrm:"] == fields["CapBnd:"] == "0" * 16 and fields["NoNewPrivs:"] == "1"
+
+
+def test_a_reply_the_judge_cannot_parse_fails_the_sample():
+    deep = ("    import json, socket, struct\n    s = socket.socket(fileno=int(__import__('sys').argv[3]))\n"
+            "    m = ('[' * 100000 + ']' * 100000).encode()\n    s.sendall(struct.pack('>I', len(m)) + m)\n"
+            "    import time; time.sleep(5)\n")
+    res = run_check(humaneval.task(SQUARE, deep), FAST)
+    assert res.status == "failed" and "broke off a call" in res.reason, res.reason
