@@ -232,6 +232,8 @@ def _launch(base: Path, workdir: Path, uid: int | None, files: list[str], argv: 
                                     cwd=workdir, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
                                     close_fds=True, pass_fds=pass_fds)
     except OSError as e:
+        if ours is not None:
+            ours.close()
         if e.errno not in (errno.EAGAIN, errno.ENOMEM):
             raise
         return ExecResult("sandbox_error", None, 0.0, f"cannot start the sandbox: {e}", "", start_failed=True)
