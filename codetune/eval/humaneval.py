@@ -10,7 +10,7 @@ from pathlib import Path
 from codetune.atomic import write_text
 from codetune.eval.generation import GenSettings, GenStats, generate
 from codetune.eval.passk import ks_for, mean_pass_at_k
-from codetune.eval.sandbox import ExecResult, Limits, detect, run_programs
+from codetune.eval.sandbox import ExecResult, Limits, Task, detect, run_checks
 
 # Chen et al. 2021: a completion ends where the function body ends — at the next top-level statement.
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\nprint", "\n#")
@@ -23,10 +23,12 @@ def load_problems(limit: int | None = None) -> list[dict]:
     return problems[:limit] if limit else problems
 
 
-def program(problem: dict, completion: str) -> str:
-    """The file the sandbox runs: prompt + completion, the problem's tests, and the call to check()."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+def task(problem: dict, completion: str) -> Task:
+    """What is scored: prompt + completion run in the sandbox; the tests run in the trusted judge, with
+    the prompt's own helpers (prompt + canonical solution: dataset text, never the model's) beside them,
+    because some tests call them (HumanEval/32 `poly`, /38 `encode_cyclic`, /50 `encode_shift`)."""
+    return Task(program=problem["prompt"] + completion + "\n", entry_point=problem["entry_point"],
+                test=problem["test"], support=problem["prompt"] + problem.get("canonical_solution", "    pass\n"))
 
 
 def score(problems: list[dict], completions: list[list[str]], limits: Limits = Limits(),
@@ -35,7 +37,7 @@ def score(problems: list[dict], completions: list[list[str]], limits: Limits = L
     if len(completions) != len(problems):
         raise ValueError(f"{len(completions)} completion lists for {len(problems)} problems")
     flat = [(i, c) for i, cs in enumerate(completions) for c in cs]
-    results: list[ExecResult] = run_programs([program(problems[i], c) for i, c in flat], limits, workers)
+    results: list[ExecResult] = run_checks([task(problems[i], c) for i, c in flat], limits, workers)
     records = [{"task_id": p["task_id"], "n": len(completions[i]), "passed": 0, "samples": []}
                for i, p in enumerate(problems)]
     for (i, c), res in zip(flat, results):
