@@ -115,8 +115,8 @@ def plan(keys: np.ndarray, weights: np.ndarray, groups: np.ndarray | None, fract
     document; `groups`: near-duplicate group per document, or None when there are none to keep together."""
     n = len(keys)
     if fraction == 0:
-        return SplitPlan("none", np.zeros(n, dtype=bool), 0.0, 0.0, 0, 0, {},
-                         "no validation split (--val-fraction 0)")
+        return SplitPlan(unit="none", val=np.zeros(n, dtype=bool), val_fraction=0.0, val_share=0.0, units=0,
+                         val_units=0, units_per_level={}, note="no validation split (--val-fraction 0)")
     weights = np.asarray(weights, dtype=np.float64)
     total = float(weights.sum())
     per_level: dict[str, int] = {}
@@ -130,8 +130,9 @@ def plan(keys: np.ndarray, weights: np.ndarray, groups: np.ndarray | None, fract
         if finest or fraction * (1 - TOLERANCE) <= share <= fraction * (1 + TOLERANCE):
             break
     if not take.any():
-        raise ConfigError(f"the validation split would be empty: the {n} kept document(s) are one file, and a split "
-                          "needs at least two; add sources, or pass --val-fraction 0 to prepare without validation")
+        raise ConfigError(f"the validation split would be empty: the {n} kept document(s) are one file (or one "
+                          "group of near-copies), and a split needs at least two; add sources, or pass --val-fraction 0 to prepare without validation")
     tried = ", ".join(f"{per_level[lv]} {lv} unit(s)" for lv in LEVELS[:depth])
     note = f"not by {tried}: too few or too uneven to come within {TOLERANCE:.0%} of the fraction" if tried else ""
-    return SplitPlan(level, take[label], fraction, share, len(rank), int(take.sum()), per_level, note)
+    return SplitPlan(unit=level, val=take[label], val_fraction=fraction, val_share=share, units=len(rank),
+                     val_units=int(take.sum()), units_per_level=per_level, note=note)
