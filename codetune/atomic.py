@@ -9,15 +9,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def aside(dst: Path, pid: int | str | None = None) -> Path:
+    """Where replace_dir parks the previous `dst` while swapping (a pattern with pid="*")."""
+    return Path(dst).with_name(f".{Path(dst).name}.old-{os.getpid() if pid is None else pid}")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move the finished folder `src` to `dst`. An existing `dst` is renamed aside first and deleted only
-    after the new one is in place, so at every instant one complete version exists on disk."""
+    after the new one is in place, so at every instant one complete version exists on disk; if the second
+    rename fails, the old one is moved back."""
     src, dst = Path(src), Path(dst)
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = aside(dst)
         os.replace(dst, old)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -125,7 +125,8 @@ class DataConfig:
     content_column: str = opt("content", "text column of JSONL / Parquet / HF sources")
     fim_rate: float = opt(0.5, "probability that a document is rewritten for fill-in-the-middle")
     fim_spm_rate: float = opt(0.5, "of FIM documents, the fraction in SPM order instead of PSM")
-    val_fraction: float = opt(0.05, "fraction of repositories held out for validation")
+    val_fraction: float = opt(0.05, "share of kept tokens held out for validation, whole repositories (else directories, "
+                                    "else files) at a time; 0 = no validation")
     dedup_threshold: float = opt(0.7, "MinHash Jaccard threshold for near-duplicates")
     decontaminate: bool = opt(True, "drop files containing HumanEval prompts or solutions")
     max_files: int | None = opt(None, "stop after this many input files (quick trials)")

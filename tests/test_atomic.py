@@ -34,3 +34,25 @@ def test_replace_dir_swaps_folders(tmp_path):
     (dst / "a").write_text("1")
     replace_dir(new, dst)
     assert (dst / "a").read_text() == "2" and sorted(x.name for x in tmp_path.iterdir()) == ["dst"]
+
+
+def test_replace_dir_moves_the_old_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    import os
+
+    from codetune import atomic
+
+    new, dst = tmp_path / "new", tmp_path / "dst"
+    for d, v in ((new, "2"), (dst, "1")):
+        d.mkdir()
+        (d / "a").write_text(v)
+    real = os.replace
+
+    def fail_second(a, b):
+        if a == new:
+            raise OSError(28, "No space left on device")
+        real(a, b)
+
+    monkeypatch.setattr(atomic.os, "replace", fail_second)
+    with pytest.raises(OSError):
+        replace_dir(new, dst)
+    assert (dst / "a").read_text() == "1" and sorted(x.name for x in tmp_path.iterdir()) == ["dst", "new"]

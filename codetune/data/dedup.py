@@ -135,11 +135,16 @@ class Deduper:
     because datasketch's in-memory storage holds a set per bucket and a key list per document
     (about 8.5 KB per document measured, against about 2 KB here). Any shared band makes a candidate,
     exactly as a datasketch query does.
+
+    With `drop_near` False (`--no-near-dedup`) near-duplicates are kept but still grouped (union-find
+    over shared bands), so the split can keep each group on one side.
     """
     threshold: float = 0.7
     num_perm: int = 256
+    drop_near: bool = True
     exact: set = field(default_factory=set)
     clusters: dict = field(default_factory=dict)  # kept doc id -> number of near copies dropped
+    parent: dict = field(default_factory=dict)  # doc id -> another of its group (drop_near False only)
 
     def __post_init__(self):
         from datasketch import MinHashLSH
@@ -160,11 +165,17 @@ class Deduper:
 
     def check(self, doc_id: int, key: bytes, keys: list[int] | None) -> str | None:
         """None (kept, now indexed), 'exact_duplicate' or 'near_duplicate'. `keys`: the document's band
-        keys (`band_keys`, computed in the worker), None without near dedup."""
+        keys (`band_keys`, computed in the worker), None without near hashing."""
         if key in self.exact:
             return "exact_duplicate"
         self.exact.add(key)
         if keys is None:
+            return None
+        if not self.drop_near:
+            for band, k in zip(self.bands, keys):
+                first = band.setdefault(k, doc_id)
+                if first != doc_id:
+                    self._union(first, doc_id)
             return None
         for band, k in zip(self.bands, keys):
             first = band.get(k)
@@ -174,3 +185,15 @@ class Deduper:
         for band, k in zip(self.bands, keys):
             band[k] = doc_id
         return None
+
+    def group(self, doc_id: int) -> int:
+        """The smallest document id of `doc_id`'s near-duplicate group (itself when it has none)."""
+        while (up := self.parent.get(doc_id, doc_id)) != doc_id:
+            self.parent[doc_id] = self.parent.get(up, up)  # path halving
+            doc_id = up
+        return doc_id
+
+    def _union(self, a: int, b: int) -> None:
+        a, b = self.group(a), self.group(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)

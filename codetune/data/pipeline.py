@@ -1,6 +1,7 @@
 """The streaming pipeline: stages 1-4 (plus the per-document halves of 5 and 6) and stage 9's
 tokenization run in worker processes; the parent keeps only what must be global — the dedup index,
-the split, the packers and the counts.
+the counts, and each kept document's split keys (the split itself is decided after the pass, see
+split.py, while the tokens wait in prepare's staging file).
 
 Work goes out in small batches with a bounded number in flight, so memory stays flat however large
 the input, and results are consumed strictly in submission order, so the output does not depend on
@@ -24,7 +25,7 @@ from codetune.data import decode as dec
 from codetune.data import dedup, filters, fim, languages, redact
 from codetune.data.decontam import Decontaminator
 from codetune.data.sources import Drop, Item
-from codetune.data.split import split_of
+from codetune.data.split import UnitKeys, unit_keys
 from codetune.data.stats import Stats
 from codetune.data.tokenize import PieceEncoder, compact
 
@@ -49,6 +50,7 @@ class Setup:
     fim_rate: float
     fim_spm_rate: float
     seed: int
+    group_near: bool = False  # near dedup off but a split to make: still hash, to keep near copies together
     bands: tuple = ()  # (bands, rows) of the LSH index, set by run(): band keys are made in the workers
 
 
@@ -113,12 +115,12 @@ def clean_one(item: Item | Drop, s: Setup, perms, clock: _Clock) -> dict:
 
     key = dedup.exact_key(text)
     bands = dedup.band_keys(dedup.signature(dedup.shingles(text, s.shingle_size), perms), *s.bands) \
-        if s.near_dedup else None
+        if s.near_dedup or s.group_near else None
     clock.lap("dedup", len(raw))
     contam = s.decontam.match(text, None if found else lines) if s.decontam else None
     clock.lap("decontam", len(raw))
-    return {**base, "text": text, "lang": lang, "repo": item.repo, "key": key, "bands": bands,
-            "contam": contam, "redactions": found}
+    return {**base, "text": text, "lang": lang, "repo": item.repo, "source": item.source, "key": key,
+            "bands": bands, "contam": contam, "redactions": found}
 
 
 def clean_batch(batch: list) -> tuple[list[dict], list]:
@@ -160,12 +162,25 @@ def batched(it: Iterable, n: int):
         yield batch
 
 
-def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_threshold: float,
-        sink: Callable[[str, np.ndarray], None], stats: Stats, tick: Callable[[str, int, int], None] | None = None
-        ) -> bytes:
-    """Drive all stages over `items`; `sink(split, ids)` receives each kept document's tokens in
-    order. Returns the content hash of the inputs."""
-    dd = dedup.Deduper(dedup_threshold, setup.num_perm)
+@dataclass(frozen=True)
+class Kept:
+    """What the split needs to know of a kept document."""
+    units: UnitKeys
+    doc_id: int  # its number in the dedup index, which names its near-duplicate group
+
+
+@dataclass(frozen=True)
+class Outcome:
+    digest: bytes  # content hash of the inputs
+    group: Callable[[int], int] | None  # doc_id -> its near-duplicate group; None when every group is one document
+
+
+def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
+        sink: Callable[[Kept, np.ndarray], None], stats: Stats, tick: Callable[[str, int, int], None] | None = None
+        ) -> Outcome:
+    """Drive all stages over `items`; `sink(kept, ids)` receives each kept document's tokens in input
+    order (the split is decided afterwards, when all units are known)."""
+    dd = dedup.Deduper(dedup_threshold, setup.num_perm, drop_near=setup.near_dedup)
     setup = dataclasses.replace(setup, bands=(dd.b, dd.r))
     pool = mp.get_context("fork").Pool(workers, initializer=_init, initargs=(setup,)) if workers > 1 else None
     if pool is None:
@@ -176,7 +191,7 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
 
     content = hashlib.sha256()
     cleaning, encoding = deque(), deque()
-    pending: list[tuple[str, bytes, str, str, int]] = []  # text, key, split, lang, bytes
+    pending: list[tuple[str, bytes, Kept, int]] = []  # text, key, kept, bytes
     pending_bytes = 0
     depth = max(2, 2 * workers)
     source = batched(items, BATCH_FILES)
@@ -185,7 +200,7 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
     def flush_tokens():
         nonlocal pending, pending_bytes
         if pending:
-            meta = [(p[2], p[3], p[4]) for p in pending]
+            meta = [(p[2], p[3]) for p in pending]
             encoding.append((meta, submit(encode_batch, [(p[0], p[1]) for p in pending])))
             pending, pending_bytes = [], 0
 
@@ -195,12 +210,12 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
             out, log = res.get()
             for stage, sec, nb in log:
                 stats.add_timing(stage, sec, nb)
-            for (split, _lang, nb), (ids, mode) in zip(meta, out):
+            for (kept, nb), (ids, mode) in zip(meta, out):
                 stats.fim_modes[mode] += 1
                 stats.kept["fim"] += 1
                 stats.kept["tokenize"] += 1
                 stats.doc_tokens.append(len(ids))
-                sink(split, ids)
+                sink(kept, ids)
                 if tick:
                     tick("tokenize", 1, nb)
 
@@ -239,13 +254,12 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
                     stats.contaminated.append({"path": r["path"], "match": r["contam"]})
                     continue
                 stats.kept["decontam"] += 1
-                split = split_of(r["repo"], r["path"], val_fraction)
+                kept = Kept(unit_keys(r["source"], r["repo"], r["path"], r["key"]), doc_id - 1)
                 stats.kept["split"] += 1
-                stats.split_documents[split] += 1
                 stats.languages[r["lang"]] += 1
                 stats.language_bytes[r["lang"]] += r["bytes"]
                 stats.file_bytes.append(r["bytes"])
-                pending.append((r["text"], r["key"], split, r["lang"], r["bytes"]))
+                pending.append((r["text"], r["key"], kept, r["bytes"]))
                 pending_bytes += len(r["text"])
                 if pending_bytes >= TOKEN_BATCH_BYTES:
                     flush_tokens()
@@ -259,4 +273,4 @@ def run(items: Iterable, setup: Setup, workers: int, val_fraction: float, dedup_
     stats.lsh_bands = (dd.b, dd.r)
     stats.dedup_index_bytes = dd.memory_bytes()
     stats.dedup_indexed = len(dd.exact)
-    return content.digest()
+    return Outcome(content.digest(), dd.group if dd.parent else None)

@@ -1,10 +1,11 @@
 """`codetune prepare`: turn the user's code into packed token shards for training.
 
-Order of work: every configuration check first (sources, columns, languages, benchmark files,
-tokenizer and its FIM tokens), then the run key. If `data_dir` already holds a finished run with the
-same key (same configuration, tokenizer and input files), it is reused as is. Otherwise the pipeline
-streams into a temporary folder that replaces `data_dir` only when everything, manifest included, is
-written: a crash leaves the old data (or nothing), never a half-written folder that looks finished.
+Order of work: every configuration check first (sources, columns, languages, benchmark files, the
+data dir, tokenizer and its FIM tokens), then the run key. If `data_dir` already holds a finished run
+with the same key (same configuration, tokenizer and input files), it is reused as is. Otherwise the
+pipeline streams into a temporary folder beside `data_dir` that replaces it only when everything,
+manifest included, is written and at least one document was kept: a failure leaves the old set (or
+nothing), never a half-written or empty folder that looks finished.
 """
 
 from __future__ import annotations
@@ -19,17 +20,25 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from codetune.atomic import replace_dir, write_text
 from codetune.config import ConfigError, DataConfig, ModelConfig
-from codetune.data import fastbpe, filters, languages, pipeline
+from codetune.data import fastbpe, filters, languages, pipeline, split
 from codetune.data.decontam import Decontaminator
 from codetune.data.fim import check_fim_tokens
-from codetune.data.shards import Packer, ShardWriter
+from codetune.data.outdir import check_data_dir, clean_stale, local_inputs, tmp_dir, write_error
+from codetune.data.shards import Packer, ShardWriter, Staging
 from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of
 from codetune.data.stats import Stats
 from codetune.model.tokenizer import cache_root, load_tokenizer, tokenizer_fingerprint
 
-PIPELINE_VERSION = 3  # bump when a change alters the shards, so old runs are not reused
+CLI_FLAGS = [
+    (("--force",), {"action": "store_true",
+                    "help": "replace a --data-dir that holds files prepare did not write (deleting them)"}),
+    (("--json",), {"action": "store_true", "help": "print the closing summary as JSON (for scripts)"}),
+]
+PIPELINE_VERSION = 4  # bump when a change alters the shards, so old runs are not reused
 BPE_SAMPLE_BYTES = 20_000_000
 NOT_IN_KEY = ("data_dir", "workers", "write_report")  # settings that do not change the shards
 
@@ -106,15 +115,7 @@ def reusable(out: Path, key: str) -> dict | None:
     return m if m.get("run_key") == key and complete else None
 
 
-def clean_stale(out: Path) -> None:
-    """Remove temporary folders of runs that died (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def check_config(data: DataConfig) -> tuple[frozenset, Decontaminator | None]:
+def check_config(data: DataConfig, force: bool = False) -> tuple[frozenset, Decontaminator | None]:
     data.validate()
     check_sources(data.sources, columns(data))
     unknown = languages.check_languages(data.languages)
@@ -122,29 +123,41 @@ def check_config(data: DataConfig) -> tuple[frozenset, Decontaminator | None]:
         raise ConfigError(f"languages: unknown {unknown}; known: {', '.join(languages.KNOWN)}")
     decon = Decontaminator.build(data.decontaminate, data.decontam_files) \
         if (data.decontaminate or data.decontam_files) else None
+    check_data_dir(Path(data.data_dir).expanduser(), local_inputs(data.sources, data.decontam_files), force)
     return languages.allowed_languages(data.languages), decon
 
 
-def prepare(data: DataConfig, model: ModelConfig, progress=None) -> dict:
+def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = False) -> dict:
     """Run the pipeline; returns the manifest. `progress` is True for terminal bars, or a callable
-    `(files_done, total)` (total is None when a JSONL / Parquet / HF source makes it unknown)."""
+    `(files_done, total)` (total is None when a JSONL / Parquet / HF source makes it unknown). `force`
+    allows replacing a data dir that holds files prepare did not write."""
     t0 = time.time()
-    allowed, decon = check_config(data)
+    allowed, decon = check_config(data, force)
+    out = Path(data.data_dir).expanduser().resolve()  # resolved: "." has no name to put a temp folder beside
+    clean_stale(out, (cache_root() / "bpe-samples",))
     corpus = corpus_for_bpe(data, allowed) if model.tokenizer is None and model.random_init else None
     tok = load_tokenizer(model, corpus_files=corpus)
     check_fim_tokens(tok, data.fim_rate)
-    out = Path(data.data_dir).expanduser()
     inputs, n_files = input_fingerprint(data)
     key = run_key(data, tokenizer_fingerprint(tok), inputs)
     if (old := reusable(out, key)) is not None:
         return {**old, "reused": True}
+    tmp = tmp_dir(out)
+    try:
+        return _build(data, tok, key, allowed, decon, tmp, out, progress, n_files, t0)
+    except OSError as e:
+        err = write_error(e, out, tmp)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a success (swapped in)
 
+
+def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_files, t0) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
-    packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
+    tmp.mkdir()
     tok_json = tok.backend_tokenizer.to_str()
     fast, encoder = fastbpe.build(tok_json)  # same ids either way; tiktoken only where checked faithful
     setup = pipeline.Setup(
@@ -153,30 +166,63 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None) -> dict:
         allowed=allowed, redact=data.redact_secrets, near_dedup=data.near_dedup, num_perm=data.minhash_perms,
         shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok_json,
         special_ids=_fim_ids(tok), fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
-        fim_spm_rate=data.fim_spm_rate, seed=data.data_seed)
+        fim_spm_rate=data.fim_spm_rate, seed=data.data_seed, group_near=data.val_fraction > 0)
     stats = Stats()
     workers = data.workers or os.cpu_count() or 1
+    staging = Staging(tmp / "staging.bin", len(tok))
+    writers: dict[str, ShardWriter] = {}
     try:
         with _ticker(progress, n_files) as tick:
-            digest = pipeline.run(iter_items(data), setup, workers, data.val_fraction, data.dedup_threshold,
-                                  lambda split, ids: packers[split].add_document(ids), stats, tick)
+            outcome = pipeline.run(iter_items(data), setup, workers, data.dedup_threshold,
+                                   lambda kept, ids: staging.add(kept.units.values(), kept.doc_id, ids), stats, tick)
+        if not len(staging):
+            raise ConfigError(nothing_kept(stats, out))
+        groups = np.array([outcome.group(d) for d in staging.groups], dtype=np.int64) if outcome.group else None
+        weights = np.frombuffer(staging.lengths, dtype=np.uint32).astype(np.int64) + 1  # + EOS
+        plan = split.plan(staging.unit_keys(), weights, groups, data.val_fraction)
+        writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
+        packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
+        for ids, is_val in zip(staging.documents(), plan.val.tolist()):
+            packers["val" if is_val else "train"].add_document(ids)
+        staging.close()
+        n_val = int(plan.val.sum())
+        stats.split_documents.update({"train": len(plan.val) - n_val, "val": n_val})
         metas = {s: p.finish() for s, p in packers.items()}
         tok.save_pretrained(tmp / "tokenizer")
-        manifest = _manifest(data, tok, key, stats, metas, digest.hex(), time.time() - t0)
+        manifest = _manifest(data, tok, key, stats, metas, outcome.digest.hex(), time.time() - t0)
         manifest["tokenizer_info"]["encoder"] = encoder  # which path made the ids (both give the same)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        manifest["split"] = plan.to_manifest()
         if data.write_report:
             from codetune.data.report import write_report
 
-            write_report(tmp, manifest, stats)
+            manifest["report_files"] = write_report(tmp, manifest, stats)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         replace_dir(tmp, out)
     except BaseException:
-        for w in writers.values():
+        for w in writers.values():  # none of these raises: the original error is the one to see
             if w.tmp.exists():
                 w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        staging.close()
         raise
     return manifest
+
+
+STAGE_HINTS = {"decode": "replace the broken, empty or binary inputs", "language": "allow their languages with "
+               "--languages", "quality": "loosen the quality filter that dropped them (--min-file-bytes, "
+               "--max-line-length, ...)", "dedup": "add inputs that are not copies", "decontam": "add inputs that "
+               "hold no benchmark code", "error": "report the error named above as a bug"}
+
+
+def nothing_kept(stats: Stats, out: Path) -> str:
+    """Why a run kept no document, on one line: the top reasons and the fix for the biggest one."""
+    reasons = sorted(((n, st, r) for st, rs in stats.dropped.items() for r, n in rs.items()), reverse=True)
+    if not stats.files_seen or not reasons:
+        what, fix = "the sources hold no files or records", "check the --sources paths (an empty folder or JSONL?)"
+    else:
+        shown = ", ".join(f"{st} {r}: {n:,}" for n, st, r in reasons[:4]) + (", ..." if len(reasons) > 4 else "")
+        what, fix = f"all {stats.files_seen:,} inputs were dropped ({shown})", STAGE_HINTS.get(reasons[0][1], "")
+    kept = f"; {out} was left as it was" if out.exists() else ""
+    return f"no documents kept: {what}{kept}. Fix: {fix} (docs/data.md lists every reason)"
 
 
 def _fim_ids(tok) -> dict:
@@ -229,14 +275,46 @@ class _ticker:
             self.bars.__exit__(*exc)
 
 
+def written_files(m: dict, out: Path) -> list[str]:
+    """What a prepared set holds, as paths (folders end with /), for the closing summary."""
+    report = m.get("report_files")
+    if report is None:  # a set from before the manifest listed them
+        from codetune.data.report import REPORT_FILES
+
+        report = [f for f in REPORT_FILES if (out / f).exists()]
+    return [str(out / "manifest.json")] + [str(out / f) for f in report] + \
+        [str(out / d) + "/" for d in (*m["splits"], "tokenizer")]
+
+
+def summary(m: dict, out: Path) -> dict:
+    c = m["counts"]
+    return {"reused": m.get("reused", False), "files_seen": c["files_seen"], "kept": c["kept"],
+            "dropped": {s: v["dropped"] for s, v in c["stages"].items() if v["dropped"]},
+            "splits": {s: {"sequences": v["n_seq"], "tokens": v["n_tokens"]} for s, v in m["splits"].items()},
+            "split": m.get("split"), "seconds": m["seconds"], "data_dir": str(out), "files": written_files(m, out)}
+
+
+def summary_text(m: dict, out: Path) -> str:
+    from codetune.data.report import split_sentence
+
+    c = m["counts"]
+    dropped = {s: sum(v["dropped"].values()) for s, v in c["stages"].items() if v["dropped"]}
+    lines = [f"{'reused' if m.get('reused') else 'prepared'} {out}: kept {c['kept']:,} of {c['files_seen']:,} inputs"
+             + (f" (dropped: {', '.join(f'{s} {n:,}' for s, n in dropped.items())})" if dropped else ""),
+             "  " + ", ".join(f"{s} {v['n_seq']:,} sequences / {v['n_tokens']:,} tokens" for s, v in m["splits"].items())]
+    if m.get("split"):
+        lines.append("  " + split_sentence(m["split"]))
+    files = written_files(m, out)
+    report = [f for f in files if f.endswith("report.md")]
+    lines.append(f"  {'report: ' + report[0] + ' · ' if report else ''}all files: "
+                 + ", ".join(Path(f).name + ("/" if f.endswith("/") else "") for f in files))
+    return "\n".join(lines)
+
+
 def run(cfgs: dict, ns) -> int:
     import sys
 
-    m = prepare(cfgs["data"], cfgs["model"], progress=sys.stderr.isatty())
-    c = m["counts"]
-    summary = {"reused": m.get("reused", False), "files_seen": c["files_seen"], "kept": c["kept"],
-               "dropped": {s: v["dropped"] for s, v in c["stages"].items() if v["dropped"]},
-               "splits": {s: {"sequences": v["n_seq"], "tokens": v["n_tokens"]} for s, v in m["splits"].items()},
-               "seconds": m["seconds"], "data_dir": cfgs["data"].data_dir}
-    print(json.dumps(summary, indent=1))
+    out = Path(cfgs["data"].data_dir).expanduser().resolve()
+    m = prepare(cfgs["data"], cfgs["model"], progress=sys.stderr.isatty(), force=getattr(ns, "force", False))
+    print(json.dumps(summary(m, out), indent=1) if getattr(ns, "json", False) else summary_text(m, out))
     return 0

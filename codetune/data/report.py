@@ -10,6 +10,8 @@ import numpy as np
 from codetune.atomic import write_file
 from codetune.data.stats import Stats
 
+REPORT_FILES = ("report.md", "languages.png", "file_lengths.png", "token_lengths.png", "dropped.png")
+
 
 def _fig():
     import matplotlib
@@ -52,7 +54,8 @@ def _hist(plt, path: Path, values: list[int], title: str, xlabel: str) -> None:
     _save(plt, fig, path)
 
 
-def write_report(out: Path, manifest: dict, stats: Stats) -> None:
+def write_report(out: Path, manifest: dict, stats: Stats) -> list[str]:
+    """Writes report.md and its charts into `out`; returns their names (a subset of REPORT_FILES)."""
     plt = _fig()
     langs = stats.languages.most_common()
     charts = []
@@ -69,6 +72,7 @@ def write_report(out: Path, manifest: dict, stats: Stats) -> None:
         _barh(plt, out / "dropped.png", [k for k, _ in drops], [n for _, n in drops], "Dropped files by reason", "files")
         charts.append(("Dropped and why", "dropped.png"))
     (out / "report.md").write_text(render_markdown(manifest, stats, charts))
+    return ["report.md"] + [png for _, png in charts]
 
 
 def render_markdown(m: dict, stats: Stats, charts: list[tuple[str, str]]) -> str:
@@ -80,6 +84,8 @@ def render_markdown(m: dict, stats: Stats, charts: list[tuple[str, str]]) -> str
              "| split | documents | sequences | tokens |", "|---|---:|---:|---:|"]
     for split, meta in m["splits"].items():
         lines.append(f"| {split} | {docs.get(split, 0):,} | {meta['n_seq']:,} | {meta['n_tokens']:,} |")
+    if sp := m.get("split"):
+        lines += ["", split_sentence(sp) + "."]
     lines += ["", "## Stages", "", "| stage | kept | dropped (by reason) | MB/s per core |", "|---|---:|---|---:|"]
     for name, st in c["stages"].items():
         dropped = ", ".join(f"{r}: {n:,}" for r, n in st["dropped"].items()) or "-"
@@ -96,3 +102,12 @@ def render_markdown(m: dict, stats: Stats, charts: list[tuple[str, str]]) -> str
     for title, png in charts:
         lines += ["", f"## {title}", "", f"![{title}]({png})"]
     return "\n".join(lines) + "\n"
+
+
+def split_sentence(sp: dict) -> str:
+    """How validation was chosen, in words (the report and prepare's summary say the same)."""
+    if sp["unit"] == "none":
+        return "No validation split (--val-fraction 0)"
+    why = f"; {sp['note']}" if sp.get("note") else ""
+    return (f"Validation by {sp['unit']}: {sp['val_units']:,} of {sp['units']:,} units, {sp['val_share']:.1%} of tokens "
+            f"(--val-fraction {sp['val_fraction']}{why})")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,59 @@ class ShardWriter:
         return self.meta
 
     def abort(self) -> None:
+        """Never raises: it runs while another error is on its way up, and closing a file on a full disk
+        fails again (its buffer cannot be flushed), which used to skip the removal below."""
         for f in (self._tok, self._starts):
-            f.close()
+            try:
+                f.close()
+            except OSError:
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Staging:
+    """Kept documents' token ids, in input order, until the split is known: the split unit depends on
+    how many repositories, directories and files were kept, which only the end of the pass tells. The
+    tokens go to one file (4 bytes per token at most, beside the shards); per document the parent
+    keeps 36 bytes (length, the three unit keys, the near-duplicate group)."""
+
+    def __init__(self, path: Path, vocab_size: int):
+        self.path, self.dtype = Path(path), token_dtype(vocab_size)
+        self._f = open(self.path, "wb")
+        self.lengths, self.keys, self.groups = array("I"), array("Q"), array("q")
+
+    def add(self, keys: tuple[int, int, int], group: int, ids: np.ndarray) -> None:
+        self._f.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.lengths.append(len(ids))
+        self.keys.extend(keys)
+        self.groups.append(group)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def unit_keys(self) -> np.ndarray:
+        return np.frombuffer(self.keys, dtype=np.uint64).reshape(len(self), -1) if len(self) \
+            else np.zeros((0, 3), dtype=np.uint64)
+
+    def documents(self):
+        """Each document's ids, in order (reads the file once, memory-mapped)."""
+        self._f.close()
+        if not len(self):
+            return
+        tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
+        pos = 0
+        for n in self.lengths:
+            yield tokens[pos:pos + n]
+            pos += n
+        del tokens
+
+    def close(self) -> None:
+        """Never raises: also called while another error is on its way up (a full disk fails again here)."""
+        try:
+            self._f.close()
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
 
 
 class Packer:

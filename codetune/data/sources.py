@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,13 @@ def check_sources(sources: list[str], cols: Columns) -> None:
                 continue
             _check_columns(src, names, cols)
         elif kind == "jsonl":
-            first = _first_json_line(p)
+            try:
+                first = _first_json_line(p)
+            except (OSError, EOFError, zlib.error):  # damaged (e.g. a truncated .gz): counted when read
+                if not os.access(p, os.R_OK):
+                    raise ConfigError(f"source {src!r} cannot be read (permission denied); fix its permissions or "
+                                      "leave it out of --sources") from None
+                continue
             if first is not None:
                 _check_columns(src, list(first), cols)
 
@@ -262,16 +269,20 @@ def _record(src: str, row: dict, cols: Columns, n: int) -> Item | Drop:
 
 
 def iter_jsonl(src: str, cols: Columns) -> Iterator[Item | Drop]:
-    with _open_text(Path(src).expanduser()) as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                yield Drop(src, f"line {n + 1}", "bad_json")
-                continue
-            yield _record(src, row, cols, n) if isinstance(row, dict) else Drop(src, f"line {n + 1}", "bad_json")
+    n = 0
+    try:
+        with _open_text(Path(src).expanduser()) as f:
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    yield Drop(src, f"line {n + 1}", "bad_json")
+                    continue
+                yield _record(src, row, cols, n) if isinstance(row, dict) else Drop(src, f"line {n + 1}", "bad_json")
+    except (OSError, EOFError, zlib.error):  # a damaged .gz: keep what was read, count the rest once
+        yield Drop(src, f"{src} after line {n}", "broken_jsonl")
 
 
 def iter_parquet(src: str, cols: Columns, batch_rows: int) -> Iterator[Item | Drop]:

@@ -1,5 +1,5 @@
-"""Stages 7-8: the split is stable and keeps repositories whole; FIM samples undo to the original
-document after a real tokenizer's encode/decode round trip; a tokenizer without FIM tokens is refused."""
+"""Stage 8: FIM samples undo to the original document after a real tokenizer's encode/decode round trip;
+a tokenizer without FIM tokens is refused. (The split, stage 7, is tested in test_split.py.)"""
 
 import random
 from pathlib import Path
@@ -8,7 +8,6 @@ import pytest
 
 from codetune.config import ConfigError, ModelConfig
 from codetune.data.fim import check_fim_tokens, fim_split, render, undo_fim
-from codetune.data.split import split_of
 from codetune.data.tokenize import PieceEncoder
 from codetune.model.tokenizer import load_tokenizer
 from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
@@ -19,14 +18,6 @@ SHARED = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.json"
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(SHARED)))
-
-
-def test_split_is_stable_and_by_repository():
-    first = [split_of(f"org/repo{i}", f"f{i}.py", 0.2) for i in range(200)]
-    assert first == [split_of(f"org/repo{i}", f"f{i}.py", 0.2) for i in range(200)]
-    assert 10 < first.count("val") < 70
-    for i in range(50):  # every file of a repository lands with the repository
-        assert len({split_of(f"org/repo{i}", f"file{j}.py", 0.2) for j in range(20)}) == 1
 
 
 def test_fim_round_trip_through_tokenizer(tok):
