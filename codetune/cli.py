@@ -50,7 +50,7 @@ COMMANDS: dict[str, Command] = {
                     "offline end-to-end run on the CPU: prepare stdlib code, train tiny-stablelm, merge, generate"),
 }
 
-DEBUG_HELP = "show the full traceback of an error"
+DEBUG_HELP = "show the full traceback of an error (default: off)"
 
 
 def _load(target: str):

@@ -58,7 +58,7 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str, section: st
         spec = spec_of(f)
         tp, _ = strip_optional(hints[f.name])
         kw: dict = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
-                        help=f"{spec.help} (default: {_show(default_of(f))})")
+                        help=help_with_default(spec.help, f"default: {_show(default_of(f))}"))
         if tp is bool:
             group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is list:
@@ -71,10 +71,15 @@ def add_section_flags(parser: argparse.ArgumentParser, command: str, section: st
                                 help=f"same as {flag_name(f.name)} (added to it)")
 
 
+def help_with_default(help_text: str, shown: str) -> str:
+    """A help that already says what its default means ("default: the model's own") keeps its words."""
+    return help_text if "default:" in help_text else f"{help_text} ({shown})"
+
+
 def with_default(kwargs: dict) -> dict:
     """A stage module's flag with its default in its help, as the generated flags show theirs."""
     help_text = kwargs.get("help")
-    if help_text is None or help_text == argparse.SUPPRESS or "default" in help_text:
+    if help_text is None or help_text == argparse.SUPPRESS:
         return kwargs
     if kwargs.get("required"):
         shown = "required"
@@ -82,7 +87,7 @@ def with_default(kwargs: dict) -> dict:
         shown = "default: " + ("on" if kwargs.get("action") == "store_false" else "off")
     else:
         shown = f"default: {_show(kwargs.get('default'))}"
-    return {**kwargs, "help": f"{help_text} ({shown})"}
+    return {**kwargs, "help": help_with_default(help_text, shown)}
 
 
 def known_flags(parser: argparse.ArgumentParser) -> list[str]:
