@@ -5,8 +5,19 @@ import pytest
 import yaml
 
 from codetune.cli import COMMANDS
-from codetune.config import (SECTIONS, ConfigError, EvalConfig, TrainConfig, build, dump_yaml, load_yaml,
-                             parse_size, reads, sections_for, to_dict)
+from codetune.config import (
+    SECTIONS,
+    ConfigError,
+    EvalConfig,
+    TrainConfig,
+    build,
+    dump_yaml,
+    load_yaml,
+    parse_size,
+    reads,
+    sections_for,
+    to_dict,
+)
 from codetune.fields import spec_of
 
 REPO = Path(__file__).resolve().parents[1]
