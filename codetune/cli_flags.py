@@ -99,7 +99,8 @@ def unknown_flag_message(command: str, flag: str, parser: argparse.ArgumentParse
     if readers:
         return f"{flag} is not a setting of `codetune {command}` ({', '.join(readers)} read it): drop it here"
     near = difflib.get_close_matches(flag, known_flags(parser), n=1, cutoff=0.6)
-    return f"unknown flag {flag}" + (f"; did you mean {near[0]}?" if near else f" (see codetune {command} --help)")
+    where = f"codetune {command}".strip()
+    return f"unknown flag {flag}" + (f"; did you mean {near[0]}?" if near else f" (see {where} --help)")
 
 
 def commands_reading(flag: str, commands) -> list[str]:
