@@ -2,28 +2,28 @@
 flags and the --help text, so the three cannot drift apart.
 
 YAML is sectioned (`model:`, `adapter:`, `train:` ...); flags are flat (`--lr`, `--train-layers`), so
-every field name is unique across sections (a test checks it). Validation runs before any heavy work
-and every error names the key, the bad value and the fix.
+every field name is unique across sections (a test checks it). Each field declares (fields.opt) its
+allowed values, its range and the commands that read it: a command has flags for those fields alone,
+and a shared preset's keys for other commands are skipped. Validation runs before any heavy work and
+every error names the key, the bad value and the fix. The argparse side is in cli_flags.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import os
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from codetune.fields import ConfigError, Section, opt, parse_size, read_value, spec_of
 
-class ConfigError(ValueError):
-    """A bad setting: the message names the key and how to fix it."""
-
+__all__ = ["ConfigError", "parse_size", "SECTIONS", "build", "load_yaml", "to_dict", "dump_yaml",
+           "sections_for", "reads", "validate_cross", "ModelConfig", "AdapterConfig", "DataConfig", "TrainConfig",
+           "EvalConfig", "CUDA_GRAPHS_AUTO_MAX_TOKENS"]
 
 # --cuda-graphs auto graphs micro-batches up to this many tokens. Measured on an H200 (same call,
 # bench/results/raw/s4c.*): 8k graphed 18,370 tok/s vs 17,620 eager (the MLP's sequence chunks made the
@@ -31,52 +31,39 @@ class ConfigError(ValueError):
 # Read by model/graphs.py and the planner.
 CUDA_GRAPHS_AUTO_MAX_TOKENS = 8192
 
-def opt(default, help: str, choices: tuple | None = None):
-    """A field with its help text (and allowed values) kept next to its default."""
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def parse_size(text: str | None) -> int | None:
-    """'10GiB', '6GB', '512MiB', '1.5G' -> bytes. None stays None."""
-    if text is None or text == "":
-        return None
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", str(text), flags=re.I)
-    if not m:
-        raise ConfigError(f"cannot read size {text!r}: write it like 10GiB, 6GB or 512MiB")
-    num, unit, ib = float(m.group(1)), m.group(2).upper(), m.group(3)
-    base = 1024 if (ib.lower().startswith("i") or not ib) else 1000
-    return int(num * base ** " KMGT".index(unit or " "))
-
-
-# ----------------------------------------------------------------------------------------------
-# Sections
+# Which commands read a field (fields.Spec.used_by).
+PREPARE = ("prepare",)
+TRAIN = ("train",)
+TRAIN_PLAN = ("train", "plan")
+EVAL = ("eval",)
+LOADS_MODEL = ("train", "eval", "merge", "generate", "serve")  # build the model from its weights
 
 
 @dataclass
-class ModelConfig:
-    model: str = opt("tiny-stablelm", "registry name (stable-code-3b, tiny-stablelm), hub id or local directory")
-    random_init: bool = opt(False, "build the architecture with random weights instead of loading them (offline tests, benchmarks)")
+class ModelConfig(Section):
+    model: str = opt("tiny-stablelm", "registry name (stable-code-3b, tiny-stablelm), hub id or local directory",
+                     used_by=("prepare", "plan", *LOADS_MODEL))
+    random_init: bool = opt(False, "build the architecture with random weights instead of loading them (offline tests, benchmarks)",
+                            used_by=("prepare", *LOADS_MODEL))
     precision: str = opt("auto", "weights: nf4 (QLoRA), int8, bf16, fp16, fp32; auto = nf4 on a GPU, fp32 on CPU",
-                         ("auto", "nf4", "int8", "bf16", "fp16", "fp32"))
-    tokenizer: str | None = opt(None, "tokenizer directory or tokenizer.json; default: the model's own")
-    attn: str = opt("sdpa", "attention kernel", ("sdpa", "eager", "flex_attention", "flash_attention_2"))
-    weights_max_vram: str | None = opt(None, "GPU memory for weights; the rest is offloaded to CPU RAM through Accelerate (e.g. 6GiB)")
-    trust_remote_code: bool = opt(False, "allow model code from the hub (stable-code-3b does not need it)")
+                         used_by=("plan", *LOADS_MODEL), choices=("auto", "nf4", "int8", "bf16", "fp16", "fp32"))
+    tokenizer: str | None = opt(None, "tokenizer directory or tokenizer.json; default: the model's own",
+                                used_by=("prepare", "eval", "generate", "serve"))
+    attn: str = opt("sdpa", "attention kernel", used_by=("train", "eval", "plan", "generate", "serve"),
+                    choices=("sdpa", "eager", "flex_attention", "flash_attention_2"))
+    weights_max_vram: str | None = opt(None, "GPU memory for weights; the rest is offloaded to CPU RAM through Accelerate (e.g. 6GiB)",
+                                       used_by=("train", "eval", "generate", "serve"))
+    trust_remote_code: bool = opt(False, "allow model code from the hub (stable-code-3b does not need it)",
+                                  used_by=("prepare", *LOADS_MODEL))
 
-    def validate(self) -> None:
+    def cross_checks(self) -> None:
         from codetune import registry
 
         if registry.lookup(self.model) is None:
             if self.random_init:
                 raise ConfigError(f"model={self.model!r}: --random-init needs a registry name "
                                   f"({', '.join(registry.MODELS)}), not a hub id or path")
-            looks_local = self.model.startswith((".", "/", "~")) or os.sep in self.model.strip("/").split("/", 1)[-1]
-            if looks_local and not Path(self.model).expanduser().exists():
-                raise ConfigError(f"model={self.model!r}: no such directory; give a local model directory, "
-                                  f"a hub id like stabilityai/stable-code-3b, or one of {list(registry.MODELS)}")
+            registry.check_local_path(self.model)
         elif registry.lookup(self.model).hub_id is None and not self.random_init:
             # tiny-stablelm has no published weights: random init is the only way to build it
             self.random_init = True
@@ -87,23 +74,21 @@ class ModelConfig:
 
 
 @dataclass
-class AdapterConfig:
-    method: str = opt("lora", "what trains: lora adapters, or full weights of the trained layers", ("lora", "full"))
-    targets: str = opt("all-linear", "LoRA modules: all-linear, attention, mlp, or comma-separated names (q_proj,v_proj)")
-    rank: int = opt(16, "LoRA rank r")
-    alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
-    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
-    rslora: bool = opt(False, "rank-stabilised LoRA scaling")
-    dora: bool = opt(False, "weight-decomposed LoRA (DoRA); slower, not with nf4 fast paths")
-    train_layers: str = opt("all", "which transformer layers train: all, or last:N (frozen prefix runs without autograd)")
+class AdapterConfig(Section):
+    method: str = opt("lora", "what trains: lora adapters, or full weights of the trained layers",
+                      used_by=TRAIN_PLAN, choices=("lora", "full"))
+    targets: str = opt("all-linear", "LoRA modules: all-linear, attention, mlp, or comma-separated names (q_proj,v_proj)",
+                       used_by=TRAIN_PLAN)
+    rank: int = opt(16, "LoRA rank r", used_by=TRAIN_PLAN, ge=1, hint="try 8, 16 or 64")
+    alpha: float = opt(32.0, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)", used_by=TRAIN, gt=0,
+                       hint="commonly 2 x rank")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input", used_by=TRAIN_PLAN, ge=0, lt=1)
+    rslora: bool = opt(False, "rank-stabilised LoRA scaling", used_by=TRAIN)
+    dora: bool = opt(False, "weight-decomposed LoRA (DoRA); slower, not with nf4 fast paths", used_by=TRAIN_PLAN)
+    train_layers: str = opt("all", "which transformer layers train: all, or last:N (frozen prefix runs without autograd)",
+                            used_by=TRAIN_PLAN)
 
-    def validate(self) -> None:
-        if self.rank <= 0:
-            raise ConfigError(f"rank={self.rank}: LoRA rank must be a positive integer (try 8, 16 or 64)")
-        if self.alpha <= 0:
-            raise ConfigError(f"alpha={self.alpha}: must be positive (commonly 2 x rank)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+    def cross_checks(self) -> None:
         self.last_n_layers()
 
     def last_n_layers(self) -> int | None:
@@ -117,140 +102,125 @@ class AdapterConfig:
 
 
 @dataclass
-class DataConfig:
-    sources: list[str] = opt([], "inputs: directories, git trees, .jsonl/.parquet files, or hf:NAME datasets")
-    data_dir: str = opt("runs/data", "where prepared token shards are written (prepare) and read (train, eval)")
-    seq_len: int = opt(4096, "tokens per packed training sequence")
-    languages: list[str] = opt([], "allowed languages; empty = stable-code-3b's 18 languages plus Markdown")
-    content_column: str = opt("content", "text column of JSONL / Parquet / HF sources")
-    fim_rate: float = opt(0.5, "probability that a document is rewritten for fill-in-the-middle")
-    fim_spm_rate: float = opt(0.5, "of FIM documents, the fraction in SPM order instead of PSM")
+class DataConfig(Section):
+    sources: list[str] = opt([], "inputs: directories, git trees, .jsonl/.parquet files, or hf:NAME datasets "
+                                 "(also as positional arguments: codetune prepare ~/code/repo)",
+                             used_by=PREPARE, positional=True)
+    data_dir: str = opt("runs/data", "where prepared token shards are written (prepare) and read (train, eval)",
+                        used_by=("prepare", "train", "eval"))
+    seq_len: int = opt(4096, "tokens per packed training sequence", used_by=("prepare", "train", "plan"), ge=16,
+                       hint="use 512 or more; 4096 is the preset")
+    languages: list[str] = opt([], "allowed languages; empty = stable-code-3b's 18 languages plus Markdown", used_by=PREPARE)
+    content_column: str = opt("content", "text column of JSONL / Parquet / HF sources", used_by=PREPARE)
+    fim_rate: float = opt(0.5, "probability that a document is rewritten for fill-in-the-middle", used_by=PREPARE, ge=0, le=1)
+    fim_spm_rate: float = opt(0.5, "of FIM documents, the fraction in SPM order instead of PSM", used_by=PREPARE, ge=0, le=1)
     val_fraction: float = opt(0.05, "share of kept tokens held out for validation, whole repositories (else directories, "
-                                    "else files) at a time; 0 = no validation")
-    dedup_threshold: float = opt(0.7, "MinHash Jaccard threshold for near-duplicates")
-    decontaminate: bool = opt(True, "drop files containing HumanEval prompts or solutions")
-    max_files: int | None = opt(None, "stop after this many input files (quick trials)")
-    workers: int = opt(0, "worker processes for reading, cleaning and tokenizing; 0 = number of CPU cores")
-    path_column: str | None = opt(None, "JSONL / Parquet / HF column with the file path (gives the language)")
-    repo_column: str | None = opt(None, "JSONL / Parquet / HF column with the repository (keeps it in one split)")
-    license_column: str | None = opt(None, "JSONL / Parquet / HF column with the license (recorded only)")
-    min_file_bytes: int = opt(20, "drop files smaller than this")
-    max_file_bytes: int = opt(1_000_000, "drop files larger than this (The Stack's 1 MB bound)")
-    max_line_length: int = opt(1000, "drop files with a longer line (bigcode: 1000)")
-    max_mean_line_length: float = opt(100.0, "drop files whose mean line length is larger (bigcode: 100)")
-    min_alnum_fraction: float = opt(0.25, "drop files with a smaller fraction of alphanumeric characters (bigcode: 0.25)")
-    redact_secrets: bool = opt(True, "replace secrets, e-mail and public IP addresses by placeholders")
-    near_dedup: bool = opt(True, "drop near-duplicates (MinHash LSH) besides exact duplicates")
-    minhash_perms: int = opt(256, "MinHash permutations for near-dedup")
-    shingle_size: int = opt(5, "words per shingle for near-dedup")
-    decontam_files: list[str] = opt([], "extra benchmark files to decontaminate against (.jsonl rows or source files)")
-    data_seed: int = opt(0, "seed of the FIM choices (the split is by hash, not by seed)")
-    write_report: bool = opt(True, "write report.md and PNG charts next to the shards")
+                                    "else files) at a time; 0 = no validation", used_by=PREPARE, ge=0, lt=1)
+    dedup_threshold: float = opt(0.7, "MinHash Jaccard threshold for near-duplicates", used_by=PREPARE, gt=0, le=1,
+                                 hint="0.7 is bigcode's")
+    decontaminate: bool = opt(True, "drop files containing HumanEval prompts or solutions", used_by=PREPARE)
+    max_files: int | None = opt(None, "stop after this many input files (quick trials)", used_by=PREPARE, ge=1)
+    workers: int = opt(0, "worker processes for reading, cleaning and tokenizing; 0 = number of CPU cores",
+                       used_by=PREPARE, ge=0)
+    path_column: str | None = opt(None, "JSONL / Parquet / HF column with the file path (gives the language)", used_by=PREPARE)
+    repo_column: str | None = opt(None, "JSONL / Parquet / HF column with the repository (keeps it in one split)",
+                                  used_by=PREPARE)
+    license_column: str | None = opt(None, "JSONL / Parquet / HF column with the license (recorded only)", used_by=PREPARE)
+    min_file_bytes: int = opt(20, "drop files smaller than this", used_by=PREPARE, ge=0)
+    max_file_bytes: int = opt(1_000_000, "drop files larger than this (The Stack's 1 MB bound)", used_by=PREPARE, ge=1)
+    max_line_length: int = opt(1000, "drop files with a longer line (bigcode: 1000)", used_by=PREPARE, ge=1)
+    max_mean_line_length: float = opt(100.0, "drop files whose mean line length is larger (bigcode: 100)",
+                                      used_by=PREPARE, gt=0)
+    min_alnum_fraction: float = opt(0.25, "drop files with a smaller fraction of alphanumeric characters (bigcode: 0.25)",
+                                    used_by=PREPARE, ge=0, le=1)
+    redact_secrets: bool = opt(True, "replace secrets, e-mail and public IP addresses by placeholders", used_by=PREPARE)
+    near_dedup: bool = opt(True, "drop near-duplicates (MinHash LSH) besides exact duplicates", used_by=PREPARE)
+    minhash_perms: int = opt(256, "MinHash permutations for near-dedup", used_by=PREPARE, ge=16, hint="256 is the default")
+    shingle_size: int = opt(5, "words per shingle for near-dedup", used_by=PREPARE, ge=1, hint="5 is the default")
+    decontam_files: list[str] = opt([], "extra benchmark files to decontaminate against (.jsonl rows or source files)",
+                                    used_by=PREPARE)
+    data_seed: int = opt(0, "seed of the FIM choices (the split is by hash, not by seed)", used_by=PREPARE, ge=0)
+    write_report: bool = opt(True, "write report.md and PNG charts next to the shards", used_by=PREPARE)
 
-    def validate(self) -> None:
-        if self.seq_len < 16:
-            raise ConfigError(f"seq_len={self.seq_len}: too short to train on; use 512 or more (4096 is the preset)")
-        for key in ("fim_rate", "fim_spm_rate"):
-            v = getattr(self, key)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"{key}={v}: a probability, must be within [0, 1]")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction}: must be within [0, 1)")
-        if not 0.0 < self.dedup_threshold <= 1.0:
-            raise ConfigError(f"dedup_threshold={self.dedup_threshold}: a Jaccard similarity in (0, 1] (0.7 is bigcode's)")
-        if self.minhash_perms < 16 or self.shingle_size < 1:
-            raise ConfigError(f"minhash_perms={self.minhash_perms}, shingle_size={self.shingle_size}: use at least "
-                              "16 permutations (256 is the default) and 1 word per shingle (5 is the default)")
+    def cross_checks(self) -> None:
         if self.min_file_bytes > self.max_file_bytes:
             raise ConfigError(f"min_file_bytes={self.min_file_bytes} exceeds max_file_bytes={self.max_file_bytes}")
-        if self.workers < 0:
-            raise ConfigError(f"workers={self.workers}: 0 (all cores) or a positive number of processes")
 
 
 @dataclass
-class TrainConfig:
-    out_dir: str = opt("runs/train", "run directory: checkpoints, metrics, adapter")
-    steps: int = opt(1000, "optimizer steps")
-    batch_size: int = opt(1, "packed sequences per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step")
-    lr: float = opt(2e-4, "peak learning rate")
-    warmup_steps: int = opt(20, "linear warm-up steps")
-    schedule: str = opt("cosine", "decay after warm-up", ("cosine", "linear", "constant"))
-    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak")
-    weight_decay: float = opt(0.0, "AdamW weight decay (never on norms and biases)")
-    max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables")
+class TrainConfig(Section):
+    out_dir: str = opt("runs/train", "run directory: checkpoints, metrics, adapter", used_by=TRAIN)
+    steps: int = opt(1000, "optimizer steps", used_by=TRAIN, ge=1)
+    batch_size: int = opt(1, "packed sequences per micro-step", used_by=TRAIN_PLAN, ge=1)
+    grad_accum: int = opt(1, "micro-steps per optimizer step", used_by=TRAIN_PLAN, ge=1)
+    lr: float = opt(2e-4, "peak learning rate", used_by=TRAIN, gt=0, hint="2e-4 is typical for LoRA")
+    warmup_steps: int = opt(20, "linear warm-up steps", used_by=TRAIN, ge=0)
+    schedule: str = opt("cosine", "decay after warm-up", used_by=TRAIN, choices=("cosine", "linear", "constant"))
+    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak", used_by=TRAIN, ge=0, le=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay (never on norms and biases)", used_by=TRAIN, ge=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping; 0 disables", used_by=TRAIN, ge=0)
     optimizer: str = opt("adamw", "adamw (fused where available) or paged_adamw_8bit (bitsandbytes)",
-                         ("adamw", "paged_adamw_8bit"))
-    grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of storing activations")
+                         used_by=TRAIN_PLAN, choices=("adamw", "paged_adamw_8bit"))
+    grad_checkpointing: bool = opt(True, "recompute each layer in backward instead of storing activations",
+                                   used_by=TRAIN_PLAN)
     offload_activations: str = opt("auto", "keep checkpointed layer inputs in pinned CPU RAM: auto (on for GPU), on, off",
-                                   ("auto", "on", "off"))
+                                   used_by=TRAIN_PLAN, choices=("auto", "on", "off"))
     cpu_embeddings: bool = opt(True, "keep the frozen input-embedding table in CPU RAM and copy only each batch's rows "
-                                     "to the GPU (stable-code-3b: -0.24 GiB; exact; one GPU process, untied weights)")
-    max_vram: str | None = opt(None, "cap this process's GPU memory, e.g. 10GiB to emulate a 10 GB card")
-    fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward")
+                                     "to the GPU (stable-code-3b: -0.24 GiB; exact; one GPU process, untied weights)",
+                               used_by=TRAIN_PLAN)
+    max_vram: str | None = opt(None, "cap this process's GPU memory, e.g. 10GiB to emulate a 10 GB card", used_by=TRAIN)
+    fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward",
+                          used_by=TRAIN_PLAN)
     fast_layers: bool = opt(True, "fused decoder-layer forward (q/k/v + rotary and gate/up + SwiGLU as one node each) "
-                                  "where exact; off = transformers' layer forward")
+                                  "where exact; off = transformers' layer forward", used_by=TRAIN_PLAN)
     cuda_graphs: str = opt("auto", "replay each layer's training passes as CUDA graphs (fused layers, one process): "
                                    f"auto = micro-batches up to {CUDA_GRAPHS_AUTO_MAX_TOKENS} tokens, where steps are "
-                                   "CPU-bound; on; off", ("auto", "on", "off"))
-    eval_every: int = opt(100, "validate every N steps; 0 disables")
-    eval_batches: int = opt(20, "validation batches per evaluation")
-    early_stopping: int = opt(0, "stop after N evaluations without improvement; 0 disables")
-    save_every: int = opt(100, "checkpoint every N steps; 0 = only at the end")
-    keep_last: int = opt(2, "checkpoints kept")
-    resume: bool = opt(False, "continue from the newest checkpoint in out_dir")
-    seed: int = opt(0, "random seed (data order, LoRA init, dropout)")
-    deterministic: bool = opt(False, "deterministic kernels (bit-exact resume; slower)")
-    log_every: int = opt(1, "log metrics every N steps")
-    tensorboard: bool = opt(True, "write TensorBoard event files")
-    progress: bool = opt(True, "show a progress bar")
+                                   "CPU-bound; on; off", used_by=TRAIN_PLAN, choices=("auto", "on", "off"))
+    eval_every: int = opt(100, "validate every N steps; 0 disables", used_by=TRAIN, ge=0)
+    eval_batches: int = opt(20, "validation batches per evaluation", used_by=TRAIN, ge=1)
+    early_stopping: int = opt(0, "stop after N evaluations without improvement; 0 disables", used_by=TRAIN, ge=0)
+    save_every: int = opt(100, "checkpoint every N steps; 0 = only at the end", used_by=TRAIN, ge=0)
+    keep_last: int = opt(2, "checkpoints kept", used_by=TRAIN, ge=1)
+    resume: bool = opt(False, "continue from the newest checkpoint in out_dir", used_by=TRAIN)
+    seed: int = opt(0, "random seed (data order, LoRA init, dropout)", used_by=TRAIN, ge=0)
+    deterministic: bool = opt(False, "deterministic kernels (bit-exact resume; slower)", used_by=TRAIN)
+    log_every: int = opt(1, "log metrics every N steps", used_by=TRAIN, ge=1)
+    tensorboard: bool = opt(True, "write TensorBoard event files", used_by=TRAIN)
+    progress: bool = opt(True, "show a progress bar", used_by=TRAIN)
 
-    def validate(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr}: must be positive (2e-4 is typical for LoRA)")
-        if self.keep_last < 1:
-            raise ConfigError(f"keep_last={self.keep_last}: keep at least 1 checkpoint")
+    def cross_checks(self) -> None:
         parse_size(self.max_vram)
 
 
 @dataclass
-class EvalConfig:
-    adapter_path: str | None = opt(None, "LoRA adapter directory to evaluate on top of the model")
-    suites: list[str] = opt(["loss", "humaneval", "fim"], "what to run: loss, humaneval, fim")
-    compare: bool = opt(False, "run the suites on the base model and on base + adapter, write report.md")
-    eval_dir: str = opt("runs/eval", "where results and the report are written")
-    n_samples: int = opt(1, "HumanEval samples per problem (1 = greedy pass@1)")
-    temperature: float = opt(0.2, "HumanEval sampling temperature when n_samples > 1")
-    max_new_tokens: int = opt(384, "generation budget per HumanEval / FIM completion")
-    limit: int | None = opt(None, "only the first N problems (quick runs)")
-    timeout: float = opt(10.0, "seconds of wall clock per executed completion")
-    gen_batch_size: int = opt(8, "prompts generated together")
-    fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split")
-    fim_tasks: int = opt(100, "FIM tasks per kind (single-line, multi-line)")
-    loss_batch_size: int = opt(4, "validation sequences per forward pass for the loss")
-    loss_batches: int | None = opt(None, "only the first N validation batches (quick runs)")
+class EvalConfig(Section):
+    adapter_path: str | None = opt(None, "LoRA adapter directory to evaluate on top of the model", used_by=EVAL)
+    suites: list[str] = opt(["loss", "humaneval", "fim"], "what to run: loss, humaneval, fim", used_by=EVAL,
+                            choices=("loss", "humaneval", "fim"))
+    compare: bool = opt(False, "run the suites on the base model and on base + adapter, write report.md", used_by=EVAL)
+    eval_dir: str = opt("runs/eval", "where results and the report are written", used_by=EVAL)
+    n_samples: int = opt(1, "HumanEval samples per problem (1 = greedy pass@1)", used_by=EVAL, ge=1)
+    temperature: float = opt(0.2, "HumanEval sampling temperature when n_samples > 1", used_by=EVAL, ge=0)
+    max_new_tokens: int = opt(384, "generation budget per HumanEval / FIM completion", used_by=EVAL, ge=1)
+    limit: int | None = opt(None, "only the first N problems (quick runs)", used_by=EVAL, ge=1)
+    timeout: float = opt(10.0, "seconds of wall clock per executed completion", used_by=EVAL, gt=0)
+    gen_batch_size: int = opt(8, "prompts generated together", used_by=EVAL, ge=1)
+    fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split",
+                                 used_by=EVAL)
+    fim_tasks: int = opt(100, "FIM tasks per kind (single-line, multi-line)", used_by=EVAL, ge=1)
+    loss_batch_size: int = opt(4, "validation sequences per forward pass for the loss", used_by=EVAL, ge=1)
+    loss_batches: int | None = opt(None, "only the first N validation batches (quick runs)", used_by=EVAL, ge=1)
 
-    def validate(self) -> None:
-        if self.n_samples < 1:
-            raise ConfigError(f"n_samples={self.n_samples}: must be at least 1")
+    def cross_checks(self) -> None:
         if self.adapter_path and not Path(self.adapter_path).exists():
             raise ConfigError(f"adapter_path={self.adapter_path!r}: no such directory; point it at a trained run's adapter/")
-        unknown = [s for s in self.suites if s not in ("loss", "humaneval", "fim")]
-        if unknown or not self.suites:
-            raise ConfigError(f"suites={self.suites}: choose one or more of loss, humaneval, fim")
+        if not self.suites:
+            raise ConfigError("suites=[]: choose one or more of loss, humaneval, fim")
         if self.compare and not self.adapter_path:
             raise ConfigError("compare=true needs --adapter-path: the adapter to compare against its base model")
         if self.n_samples > 1 and self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} with n_samples={self.n_samples}: sampling needs a "
                               "temperature > 0 (0.2 for pass@1/10, 0.8 for pass@100 as in the Codex paper)")
-        if self.timeout <= 0:
-            raise ConfigError(f"timeout={self.timeout}: must be positive (seconds per executed completion)")
-        for key in ("max_new_tokens", "gen_batch_size", "fim_tasks", "loss_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)}: must be at least 1")
         if self.fim_source and not Path(self.fim_source).is_dir():
             raise ConfigError(f"fim_source={self.fim_source!r}: not a directory; give a folder of held-out code files")
 
@@ -261,76 +231,27 @@ SECTIONS: dict[str, type] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Machinery: YAML + flags -> validated dataclasses
+# Which command reads what
 
 
-def _strip_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
+def reads(command: str, section: str) -> list[dataclasses.Field]:
+    """The fields of `section` that `command` reads, in declaration order."""
+    return [f for f in dataclasses.fields(SECTIONS[section]) if command in spec_of(f).used_by]
 
 
-def _coerce(section: str, name: str, tp, value):
-    """Check/convert one YAML value to the field's type, or raise a ConfigError naming it."""
-    base, optional = _strip_optional(tp)
-    where = f"{section}.{name}"
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: may not be empty")
-    if typing.get_origin(base) is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return [str(v) for v in value]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where}: expected text, got {type(value).__name__} {value!r}")
-        return str(value)
-    return value
+def sections_for(command: str) -> list[str]:
+    """The sections holding at least one field that `command` reads."""
+    return [s for s in SECTIONS if reads(command, s)]
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML + flags -> validated dataclasses
 
 
 def _unknown(kind: str, key: str, known) -> ConfigError:
     near = difflib.get_close_matches(key, list(known), n=1)
     hint = f" Did you mean {near[0]!r}?" if near else f" Known: {', '.join(sorted(known))}."
     return ConfigError(f"unknown {kind} {key!r}.{hint}")
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
-    """One flag per field. Defaults are SUPPRESSed so we can tell 'given' from 'default' when merging."""
-    cls = SECTIONS[section]
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{section} settings (YAML section '{section}:')")
-    for f in dataclasses.fields(cls):
-        tp, _ = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        kw: dict = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS, help=help_text)
-        if tp is bool:
-            group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(tp) is list:
-            group.add_argument(flag_name(f.name), nargs="+", metavar="X", **kw)
-        else:
-            group.add_argument(flag_name(f.name), type=tp, choices=f.metadata.get("choices"),
-                               metavar=f.name.upper() if not f.metadata.get("choices") else None, **kw)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -346,29 +267,46 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def build(sections: list[str], yaml_data: dict | None = None, flags: dict | None = None, validate: bool = True):
-    """Merge defaults <- YAML <- flags into one dataclass per section, then validate each."""
-    yaml_data = dict(yaml_data or {})
-    for key in yaml_data:
+def _yaml_sections(yaml_data: dict) -> dict[str, dict]:
+    """Every section and key checked for typos, whichever command runs: a misspelt key in a shared preset
+    is a mistake for all of them."""
+    for key, values in yaml_data.items():
         if key not in SECTIONS:
             raise _unknown("config section", key, SECTIONS)
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"section {key!r}: expected key: value pairs, got {values!r}")
+        names = {f.name for f in dataclasses.fields(SECTIONS[key])}
+        for name in values or {}:
+            if name not in names:
+                raise _unknown(f"key in section '{key}'", name, names)
+    return {k: v or {} for k, v in yaml_data.items()}
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def build(sections: list[str], yaml_data: dict | None = None, flags: dict | None = None, validate: bool = True,
+          command: str | None = None):
+    """Merge defaults <- YAML <- flags ({"train.lr": value}) into one dataclass per section, then validate.
+    With `command`, YAML keys of fields that command does not read are skipped (presets serve several)."""
+    yaml_sections = _yaml_sections(dict(yaml_data or {}))
     out = {}
     for section in sections:
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = yaml_data.get(section) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"section {section!r}: expected key: value pairs, got {values!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        wanted = {f.name for f in reads(command, section)} if command else set(fields)
         kwargs = {}
-        for key, value in values.items():
-            if key not in names:
-                raise _unknown(f"key in section '{section}'", key, names)
-            kwargs[key] = _coerce(section, key, hints[key], value)
+        for key, value in yaml_sections.get(section, {}).items():
+            if key in wanted:
+                kwargs[key] = read_value(f"{section}.{key}", key, fields[key], hints[key], value)
         for dest, value in (flags or {}).items():
             sec, _, key = dest.partition(".")
             if sec == section:
-                kwargs[key] = value
+                if key not in fields:
+                    raise _unknown(f"key in section '{section}'", key, fields)
+                kwargs[key] = read_value(flag_name(key), key, fields[key], hints[key], value)
         out[section] = cls(**kwargs)
     if validate:
         for cfg in out.values():
@@ -390,11 +328,16 @@ def validate_cross(cfgs: dict) -> None:
                           f"tokens; use --seq-len {spec.max_positions} or less")
 
 
-def from_args(sections: list[str], ns: argparse.Namespace) -> dict:
-    flags = {k: v for k, v in vars(ns).items() if "." in k}
-    yaml_data = load_yaml(ns.config) if getattr(ns, "config", None) else {}
-    return build(sections, yaml_data, flags)
-
-
 def to_dict(cfgs: dict) -> dict:
     return {name: dataclasses.asdict(cfg) for name, cfg in cfgs.items()}
+
+
+def dump_yaml(cfgs: dict, command: str | None = None) -> str:
+    """The resolved settings as a YAML config that `--config` reads back to the same values. With
+    `command`, only the fields that command reads (what --print-config shows)."""
+    out = {}
+    for section, cfg in cfgs.items():
+        names = [f.name for f in (reads(command, section) if command else dataclasses.fields(cfg))]
+        if names:
+            out[section] = {n: getattr(cfg, n) for n in names}
+    return yaml.safe_dump(out, sort_keys=False, default_flow_style=False)

@@ -6,7 +6,15 @@ built offline for tests, the planner and benchmarks: weight values don't change 
 
 from __future__ import annotations
 
+import difflib
+import os
+import socket
+import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from codetune.fields import ConfigError
 
 # stable-code's special tokens. FIM strings must each be one token, or FIM data is silently wrong.
 EOS_TOKEN = "<|endoftext|>"
@@ -67,3 +75,98 @@ MODELS: dict[str, ModelSpec] = {
 def lookup(name: str) -> ModelSpec | None:
     """The spec for a registry name, or None for a hub id / local directory."""
     return MODELS.get(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a model's files come from: a local directory, or the Hugging Face Hub (through its cache).
+# Asked before any download, so a typo or a machine without network gets one line at once instead of
+# the Hub client's retries (~48 s) and a long traceback.
+
+HUB_CHECK_SECONDS = 1.5  # a reachable hub answers a TCP connect in well under this
+
+
+@dataclass(frozen=True)
+class Source:
+    """What from_pretrained reads, and whether it must stay off the network."""
+    path: str               # a local directory or a hub id
+    local: bool             # a directory on this machine
+    cache_only: bool        # a hub id read from the local cache alone (offline, or the hub unreachable)
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path. 'owner/model' is also a hub id's shape, so a one-slash name
+    counts as a path only when its first folder exists here (runs/mergd beside runs/)."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).expanduser().is_dir()
+
+
+def check_local_path(name: str) -> None:
+    """A path-like name that does not exist: say so, with the nearest sibling that does."""
+    p = Path(name).expanduser()
+    if p.exists() or not looks_like_path(name):
+        return
+    near = []
+    if p.parent.is_dir():
+        near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir() if c.is_dir()], n=1)
+    hint = f"did you mean {str(p.parent / near[0])!r}? Otherwise give" if near else "give"
+    raise ConfigError(f"model={name!r}: no such directory; {hint} a local model directory, a hub id like "
+                      f"stabilityai/stable-code-3b, or one of {list(MODELS)}")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (the Hub client reads them once, at import)."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = HUB_CHECK_SECONDS) -> bool:
+    """A TCP connect to the hub (or to the HTTPS proxy, when one is set), bounded by `timeout` including
+    the name lookup, which has no timeout of its own: it runs in a thread that is not waited for."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def in_hub_cache(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def resolve(name: str, filename: str = "config.json") -> Source:
+    """Where to read model `name` (a registry name, hub id or directory) from; `filename` is a file the
+    copy must have (config.json for a model, tokenizer_config.json for a tokenizer). Raises a one-line
+    ConfigError for a missing path, or a hub id that is not cached while the hub is offline or unreachable."""
+    spec = lookup(name)
+    if spec is None:
+        p = Path(name).expanduser()
+        if p.exists():
+            return Source(str(p), local=True, cache_only=False)
+        check_local_path(name)
+    hub_id = spec.hub_id if spec is not None and spec.hub_id else name
+    offline = hub_offline()
+    if in_hub_cache(hub_id, filename):
+        return Source(hub_id, local=False, cache_only=offline or not hub_reachable())
+    if offline or not hub_reachable():
+        why = "offline mode is set (HF_HUB_OFFLINE=1)" if offline else "the hub is unreachable"
+        raise ConfigError(f"{hub_id} is not in the local Hugging Face cache and {why}: download it on a machine "
+                          f"with network (hf download {hub_id}) and copy the cache over, or pass --model "
+                          "/path/to/local/copy")
+    return Source(hub_id, local=False, cache_only=False)

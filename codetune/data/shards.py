@@ -227,6 +227,9 @@ def positions_and_labels(ids: torch.Tensor, starts, n_real: int) -> dict:
 def read_manifest(data_dir: str | Path) -> dict:
     p = Path(data_dir) / "manifest.json"
     if not p.exists():
+        if not Path(data_dir).is_dir() or not any(Path(data_dir).iterdir()):
+            raise FileNotFoundError(f"no prepared data in {data_dir}: run `codetune prepare --sources …` first "
+                                    "(or pass --data-dir)")
         raise FileNotFoundError(f"{data_dir} has no manifest.json: it was not prepared by `codetune prepare` "
                                 "(or the run did not finish); run prepare again")
     return json.loads(p.read_text())

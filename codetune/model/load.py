@@ -76,14 +76,13 @@ def random_init_checkpoint(name: str, vocab_size: int | None = None, seed: int =
 
 
 def model_source(cfg: ModelConfig, vocab_size: int | None = None, seed: int = 0,
-                 device: torch.device | None = None) -> str:
-    """Where from_pretrained reads: a cached random-init checkpoint, a hub id, or a local directory."""
-    spec = registry.lookup(cfg.model)
+                 device: torch.device | None = None) -> registry.Source:
+    """Where from_pretrained reads: a cached random-init checkpoint, a hub id, or a local directory. A hub
+    id that cannot be had (not cached, hub offline or unreachable) fails here, at once, in one line."""
     if cfg.random_init:
-        return str(random_init_checkpoint(cfg.model, vocab_size, seed, device))
-    if spec is not None:
-        return spec.hub_id
-    return str(Path(cfg.model).expanduser()) if Path(cfg.model).expanduser().exists() else cfg.model
+        return registry.Source(str(random_init_checkpoint(cfg.model, vocab_size, seed, device)), local=True,
+                               cache_only=False)
+    return registry.resolve(cfg.model)
 
 
 def quantization_config(precision: str, dtype: torch.dtype, cpu_offload: bool):
@@ -105,7 +104,8 @@ def load_model(cfg: ModelConfig, device: torch.device, vocab_size: int | None = 
     cdtype = compute_dtype(device)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(precision, cdtype)
     src = model_source(cfg, vocab_size, seed, device)
-    kw: dict = dict(dtype=weight_dtype, attn_implementation=cfg.attn, trust_remote_code=cfg.trust_remote_code)
+    kw: dict = dict(dtype=weight_dtype, attn_implementation=cfg.attn, trust_remote_code=cfg.trust_remote_code,
+                    local_files_only=src.cache_only)
     cap = parse_size(cfg.weights_max_vram)
     if device.type == "cuda":
         if cap:
@@ -118,10 +118,13 @@ def load_model(cfg: ModelConfig, device: torch.device, vocab_size: int | None = 
     if q is not None:
         kw["quantization_config"] = q
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kw)
     except OSError as e:
-        raise ConfigError(f"cannot load model {cfg.model!r} from {src!r}: {e}. Offline? Use a local directory, "
-                          "or --random-init with a registry name for tests.") from None
+        # transformers' message spans lines (and for a hub id that does not exist, names the repo lookup)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = "a model directory" if src.local else "a model on the Hugging Face Hub (or in its cache)"
+        raise ConfigError(f"cannot load model {cfg.model!r} from {src.path!r}: {first}. Is it {what}? Pass "
+                          "--model with a local model directory, a hub id, or a registry name") from None
     if device.type != "cuda":
         model.to(device)
     model.config.use_cache = False

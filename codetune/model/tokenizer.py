@@ -102,8 +102,9 @@ def load_tokenizer(model_cfg, corpus_files: list[Path] | None = None):
         return ensure_special_tokens(tok)
     spec = registry.lookup(model_cfg.model)
     if spec is None or (spec.hub_id and not model_cfg.random_init):
-        src = model_cfg.model if spec is None else spec.hub_id
-        return ensure_special_tokens(AutoTokenizer.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code))
+        src = registry.resolve(model_cfg.model, "tokenizer_config.json")  # one line at once if it can't be had
+        return ensure_special_tokens(AutoTokenizer.from_pretrained(src.path, trust_remote_code=model_cfg.trust_remote_code,
+                                                                   local_files_only=src.cache_only))
     if corpus_files:
         return corpus_tokenizer(corpus_files)
     raise TokenizerError(f"{model_cfg.model} with random init has no tokenizer of its own: pass --tokenizer "

@@ -90,8 +90,8 @@ def test_unknown_lora_module_is_refused(tiny_data, tmp_path):
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="codetune prepare"):
-        _train(tmp_path / "nothing", tmp_path / "r", "--steps", "1")
+    assert _train(tmp_path / "nothing", tmp_path / "r", "--steps", "1") == 2
+    assert "run `codetune prepare --sources" in capsys.readouterr().err
 
 
 def test_resume_survives_a_half_written_metrics_line(tiny_data, tmp_path):
