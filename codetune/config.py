@@ -203,6 +203,8 @@ class TrainConfig:
     log_every: int = opt(1, "log metrics every N steps")
     tensorboard: bool = opt(True, "write TensorBoard event files")
     progress: bool = opt(True, "show a progress bar")
+    dry_run: bool = opt(False, "build everything (data, model, optimizer), print the memory plan, then stop: "
+                               "no step runs and nothing is written")
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "grad_accum"):
