@@ -187,6 +187,8 @@ class TrainConfig(Section):
     log_every: int = opt(1, "log metrics every N steps", used_by=TRAIN, ge=1)
     tensorboard: bool = opt(True, "write TensorBoard event files", used_by=TRAIN)
     progress: bool = opt(True, "show a progress bar", used_by=TRAIN)
+    dry_run: bool = opt(False, "build everything (data, model, optimizer), print the memory plan, then stop: "
+                               "no step runs and nothing is written", used_by=TRAIN)
 
     def cross_checks(self) -> None:
         parse_size(self.max_vram)

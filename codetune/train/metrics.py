@@ -1,32 +1,44 @@
 """Where training numbers go: metrics.jsonl (one line per logged step, the source of truth — resume
-truncates it to the checkpoint), TensorBoard event files, and a PNG of the loss curves at the end."""
+truncates it to the checkpoint, so each row is written once), TensorBoard event files, and a PNG of the loss curves at the end."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from codetune.atomic import write_text
+
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None = None, enabled: bool = True):
+    """Appends rows to metrics.jsonl. A run resumed from step k keeps the rows up to k (`kept`) and drops
+    the later ones, which the resumed run writes again: every step's row is written once."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int = 0, enabled: bool = True):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.kept: list[dict] = []
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            keep = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        elif resume_step is None and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():
+            self.kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                # purge_step drops the events a killed session wrote past the checkpoint
+                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
                 self.tb = None
+
+    def last(self, key: str, step: int | None = None):
+        """The latest kept value of `key` (at `step`, if given), or None."""
+        for r in reversed(self.kept):
+            if key in r and (step is None or r["step"] == step):
+                return r[key]
+        return None
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -1,8 +1,10 @@
 """The training progress bar: loss, learning rate, tokens/s, GPU memory (allocated / reserved), ETA.
-Off a terminal (CI logs) it prints a plain line every 10% instead of redrawing."""
+Off a terminal (CI logs) it prints a plain line every 10% instead of redrawing. Also what `train --dry-run`
+prints in place of training."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 from rich.console import Console
@@ -48,3 +50,26 @@ class Progress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def dry_run_report(run) -> dict:
+    """--dry-run: setup() built data, model and optimizer (and the resume was checked); print the memory
+    plan and what would run. Nothing is trained or written."""
+    from codetune.plan.memory import estimate
+    from codetune.plan.planner import gpu_memory, render
+
+    if not run.accelerator.is_main_process:
+        return {"dry_run": True}
+    tcfg, console = run.cfgs["train"], Console(stderr=True)
+    gpu_bytes = gpu_memory(None)
+    render(console, run.cfgs, estimate(run.cfgs, gpu_bytes), gpu_bytes)
+    if run.device.type != "cuda":
+        console.print("(this run is on the CPU: the plan is for a GPU of the planner's default size)")
+    info = {"dry_run": True, "device": str(run.device), "out_dir": str(run.out_dir),
+            "train_sequences": len(run.train_stream.ds), "val_sequences": len(run.val_ds) if run.val_ds is not None else 0,
+            "trainable_params": run.run_info["trainable_params"], "total_params": run.run_info["total_params"],
+            "optimizer": type(run.optimizer).__name__, "from_step": run.start_step, "steps": tcfg.steps}
+    console.print(f"dry run: data, model and optimizer built; would train steps {run.start_step + 1}-{tcfg.steps} "
+                  f"into {run.out_dir}. No step ran and nothing was written.")
+    print(json.dumps(info, indent=1))
+    return info

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,7 @@ class Run:
     run_info: dict
     offloader: object = None
     start_step: int = 0
+    start_totals: dict = dataclasses.field(default_factory=dict)  # whole-run tokens/seconds at start_step
     peaks: PeakMeter | None = None  # train/memory.py: peak memory of the training steps and of validation
 
     def __post_init__(self):
@@ -167,7 +169,7 @@ def setup(cfgs: dict) -> Run:
     out = Path(tcfg.out_dir)
     info = {"model": dataclasses.asdict(mcfg), "vocab_size": model.get_input_embeddings().weight.shape[0],
             "init_seed": 0, "method": acfg.method, "adapter": dataclasses.asdict(acfg),
-            "train": dataclasses.asdict(tcfg), "data_manifest": {k: manifest.get(k) for k in ("sources", "counts", "splits")},
+            "train": dataclasses.asdict(tcfg), "data_manifest": {k: manifest.get(k) for k in ("sources", "counts", "splits", "run_key")},
             "trainable_params": trainable, "total_params": total}
     return Run(cfgs, accelerator, device, model, loss_fn, tokenizer, optimizer, scheduler, stream, val_ds, out,
                info, offloader)
@@ -179,21 +181,39 @@ def write_adapter(run: Run, path: Path) -> None:
     save_adapter(run.model, run.tokenizer, run.run_info, path)
 
 
-def maybe_resume(run: Run) -> None:
-    from codetune.train.state import list_checkpoints, load_checkpoint
+def run_config(run: Run) -> dict:
+    """The settings a checkpoint records (run.json) and a resume compares: the resolved configuration plus
+    the prepared set's identity."""
+    from codetune.train.state import DATA_KEY
 
-    if not run.cfgs["train"].resume:
-        if list_checkpoints(run.out_dir):
-            raise ConfigError(f"{run.out_dir} already holds checkpoints; pass --resume to continue them, or choose "
-                              "a new --out-dir (nothing was overwritten)")
+    return {**to_dict(run.cfgs), DATA_KEY: run.run_info["data_manifest"].get("run_key")}
+
+
+def maybe_resume(run: Run) -> None:
+    """--resume: continue from the newest usable checkpoint under the resume rule (train/state.py:
+    MUST_MATCH refuses, APPLIED_ON_RESUME takes effect from the resume point on)."""
+    from codetune.train.state import apply_checkpoint, check_steps, newest_usable, resume_notices
+
+    tcfg = run.cfgs["train"]
+    if not tcfg.resume:
         return
-    ckpts = list_checkpoints(run.out_dir)
-    if not ckpts:
-        print(f"--resume: no checkpoint in {run.out_dir}; starting from step 0", file=sys.stderr)
+    main_proc = run.accelerator.is_main_process
+
+    def say(text):
+        if main_proc:
+            print(f"--resume: {text}", file=sys.stderr)
+
+    data = newest_usable(run.out_dir, say)
+    if data is None:
+        say(f"no checkpoint in {run.out_dir}; starting from step 0")
         return
-    state = load_checkpoint(ckpts[-1], run.model, run.optimizer, run.scheduler, to_dict(run.cfgs))
-    run.start_step = int(state["step"])
-    print(f"resumed from {ckpts[-1]} (step {run.start_step})", file=sys.stderr)
+    current = run_config(run)
+    check_steps(data, tcfg.steps)
+    apply_checkpoint(data, run.model, run.optimizer, run.scheduler, current)
+    run.start_step, run.start_totals = int(data.state["step"]), dict(data.state.get("totals") or {})
+    say(f"resuming from {data.path} (step {run.start_step} of {tcfg.steps})")
+    for line in resume_notices(data, current, tcfg, run.optimizer.param_groups[0]["lr"]):
+        say(line)
 
 
 @torch.no_grad()
@@ -258,71 +278,101 @@ def _train_step(run: Run, step: int) -> dict:
 
 
 def fit(run: Run) -> dict:
+    from codetune.train.interrupt import Stopped, StopRequest
     from codetune.train.metrics import MetricsLog
     from codetune.train.progress import Progress
-    from codetune.train.state import save_checkpoint
+    from codetune.train.state import Diverged, checkpoint_path, nonfinite_check, save_checkpoint
 
-    tcfg = run.cfgs["train"]
-    main_proc = run.accelerator.is_main_process
-    log = MetricsLog(run.out_dir, tcfg.tensorboard, run.start_step if tcfg.resume else None, enabled=main_proc)
+    tcfg, acc = run.cfgs["train"], run.accelerator
+    main_proc = acc.is_main_process
+    log = MetricsLog(run.out_dir, tcfg.tensorboard, run.start_step, enabled=main_proc)
     bar = Progress(tcfg.steps, run.start_step, enabled=tcfg.progress and main_proc)
     best, bad_evals, last = float("inf"), 0, {}
     tokens_seen, t0 = 0, time.perf_counter()
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
 
-    def checkpoint(step):
-        run.accelerator.wait_for_everyone()
-        if main_proc:
-            save_checkpoint(run.out_dir, step, run.model, run.optimizer, run.scheduler, {"micro_step": step * tcfg.grad_accum},
-                            to_dict(run.cfgs), tcfg.keep_last, write_adapter=lambda p: write_adapter(run, p))
+    def totals() -> dict:  # the whole run's, across resumed sessions
+        prev = run.start_totals
+        return {"tokens": prev.get("tokens", 0) + tokens_seen,
+                "seconds": prev.get("seconds", 0.0) + time.perf_counter() - t0}
 
-    step = run.start_step
-    try:
-        for step in range(run.start_step, tcfg.steps):
-            ts = time.perf_counter()
-            rec = train_step(run, step)
-            dt = time.perf_counter() - ts
-            tokens_seen += rec["tokens"]
-            rec.update(step=step + 1, tok_per_s=round(rec["tokens"] / dt, 1), **snapshot(run.device))
-            done = step + 1
-            if tcfg.eval_every and done % tcfg.eval_every == 0:
-                rec.update(validate(run))
-                if "val_loss" in rec:
-                    if rec["val_loss"] < best - 1e-4:
-                        best, bad_evals = rec["val_loss"], 0
-                    else:
-                        bad_evals += 1
-            if done % tcfg.log_every == 0 or "val_loss" in rec or done == tcfg.steps:
-                log.log(rec)
-            bar.update(rec)
-            last = rec
-            if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
-                checkpoint(done)
-            if tcfg.early_stopping and bad_evals >= tcfg.early_stopping:
-                bar.note(f"early stopping: validation loss did not improve for {bad_evals} evaluations")
-                break
-    except torch.OutOfMemoryError:
-        bar.close()
-        log.close()
-        raise SystemExit(f"codetune train: {explain_oom(run.cfgs, run.device)}") from None
-    finally:
-        bar.close()
-    final = step + 1 if tcfg.steps > run.start_step else run.start_step
-    if "val_loss" not in last and run.val_ds is not None and len(run.val_ds):
-        last.update(validate(run))
-        log.log({"step": final, **{k: v for k, v in last.items() if k.startswith("val_")}})
-    checkpoint(final)
-    log.close()
+    def checkpoint(step):
+        acc.wait_for_everyone()
+        if not main_proc:  # (the main process checks inside save_checkpoint: all stop at the same step)
+            nonfinite_check(run.model, step, run.out_dir)
+            return None
+        return save_checkpoint(run.out_dir, step, run.model, run.optimizer, run.scheduler,
+                               {"micro_step": step * tcfg.grad_accum}, run_config(run), tcfg.keep_last,
+                               write_adapter=lambda p: write_adapter(run, p), totals=totals())
+
+    def stop_asked(stop) -> bool:
+        if acc.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor(float(stop.requested), device=run.device)  # every process stops at the same step
+        return bool(acc.reduce(flag, reduction="sum").item())
+
+    step, saved_at = run.start_step, run.start_step
+    with StopRequest() as stop:
+        try:
+            for step in range(run.start_step, tcfg.steps):
+                ts = time.perf_counter()
+                rec = train_step(run, step)
+                if not math.isfinite(rec["loss"]):  # (already a float: no extra sync)
+                    raise Diverged(step + 1, f"the loss is {rec['loss']}", run.out_dir)
+                dt = time.perf_counter() - ts
+                tokens_seen += rec["tokens"]
+                rec.update(step=step + 1, tok_per_s=round(rec["tokens"] / dt, 1), **snapshot(run.device))
+                done = step + 1
+                if tcfg.eval_every and done % tcfg.eval_every == 0:
+                    rec.update(validate(run))
+                    if "val_loss" in rec:
+                        if rec["val_loss"] < best - 1e-4:
+                            best, bad_evals = rec["val_loss"], 0
+                        else:
+                            bad_evals += 1
+                if done % tcfg.log_every == 0 or "val_loss" in rec or done == tcfg.steps:
+                    log.log(rec)
+                bar.update(rec)
+                last = rec
+                if tcfg.save_every and done % tcfg.save_every == 0 and done != tcfg.steps:
+                    checkpoint(done)
+                    saved_at = done
+                if tcfg.early_stopping and bad_evals >= tcfg.early_stopping:
+                    bar.note(f"early stopping: validation loss did not improve for {bad_evals} evaluations")
+                    break
+                if done != tcfg.steps and stop_asked(stop):
+                    if saved_at != done:
+                        checkpoint(done)
+                    raise Stopped(done, stop.signum or signal.SIGTERM,
+                                  checkpoint_path(run.out_dir, done) if main_proc else None)
+            bar.close()
+            final = step + 1 if tcfg.steps > run.start_step else run.start_step
+            if final > run.start_step:  # (a resumed finished run already validated and saved its last step)
+                if "val_loss" not in last and run.val_ds is not None and len(run.val_ds):
+                    last.update(validate(run))
+                    log.log({"step": final, **{k: v for k, v in last.items() if k.startswith("val_")}})
+                checkpoint(final)
+        except torch.OutOfMemoryError:
+            raise SystemExit(f"codetune train: {explain_oom(run.cfgs, run.device)}") from None
+        finally:
+            bar.close()
+            log.close()
     elapsed = time.perf_counter() - t0
+    whole = totals()
     bank = getattr(run.model, "_codetune_graphs", None)  # model/graphs.py: did the layers run as CUDA graphs?
     graphs = {"captured": bank.captured, "failure": bank.failure} if bank is not None else None
-    return {"steps": final, "tokens": tokens_seen, "seconds": round(elapsed, 1),
-            "tok_per_s": round(tokens_seen / max(elapsed, 1e-9), 1), "final_loss": last.get("loss"),
-            "val_loss": last.get("val_loss"), "cuda_graphs": graphs, **snapshot(run.device)}
+    val = last["val_loss"] if "val_loss" in last else log.last("val_loss", final)
+    return {"steps": final, "tokens": whole["tokens"], "seconds": round(whole["seconds"], 1),
+            "tok_per_s": round(whole["tokens"] / max(whole["seconds"], 1e-9), 1),
+            "this_session": {"from_step": run.start_step, "steps": final - run.start_step, "tokens": tokens_seen,
+                             "seconds": round(elapsed, 1)},
+            "final_loss": last.get("loss", log.last("loss")), "val_loss": val, "cuda_graphs": graphs,
+            **snapshot(run.device)}
 
 
 def finish(run: Run, summary: dict) -> None:
+    from codetune.atomic import write_text
     from codetune.train.metrics import plot_losses
 
     if not run.accelerator.is_main_process:
@@ -331,21 +381,51 @@ def finish(run: Run, summary: dict) -> None:
     png = plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     summary = {**summary, "adapter": str(run.out_dir / "adapter"), "loss_plot": str(png) if png else None,
                "trainable_params": run.run_info["trainable_params"]}
-    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(run.out_dir / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 
 def main(cfgs: dict) -> dict:
+    from codetune.train.rundir import check_out_dir, claim, write_config
+    from codetune.train.state import remove_leftovers
+
+    tcfg = cfgs["train"]
+    check_out_dir(tcfg.out_dir, tcfg.resume)  # reads only, before anything heavy is built
     run = setup(cfgs)
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+    if tcfg.dry_run:
+        from codetune.train.progress import dry_run_report
+
+        maybe_resume(run)  # (reads the checkpoint: a resume that would be refused is refused now)
+        return dry_run_report(run)
+    if run.accelerator.is_main_process:
+        claim(run.out_dir)
+        for p in remove_leftovers(run.out_dir):
+            print(f"codetune train: removed {p}, left by an interrupted save", file=sys.stderr)
+    run.accelerator.wait_for_everyone()
     maybe_resume(run)
+    if run.accelerator.is_main_process:
+        write_config(run.out_dir, run.cfgs)
     summary = fit(run)
     finish(run, summary)
     return summary
 
 
 def run(cfgs: dict, ns) -> int:
+    from codetune.train.interrupt import Stopped
+    from codetune.train.rundir import resume_command
+    from codetune.train.state import Diverged
+
     note = configure_allocator()  # before anything touches CUDA
     print(f"codetune train: {note}", file=sys.stderr)
-    main(cfgs)
+    try:
+        main(cfgs)
+    except Diverged as e:
+        print(f"codetune train: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        if e.checkpoint is not None:  # (the main process; the others stop quietly)
+            print(f"codetune train: stopped at step {e.step} ({signal.Signals(e.signum).name}); checkpoint "
+                  f"{e.checkpoint}. Continue with:\n  {resume_command(ns, Path(cfgs['train'].out_dir))}",
+                  file=sys.stderr)
+        return 128 + int(e.signum)
     return 0
