@@ -21,7 +21,6 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.jso
 
 
 def tiny_tokenizer():
-    import pytest
     from transformers import PreTrainedTokenizerFast
 
     return ensure_special_tokens(PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER)))
