@@ -110,13 +110,12 @@ def merge_adapter(adapter_dir, out_dir, device: torch.device = torch.device("cpu
     if not ignore_base_mismatch:
         check_base(adapter_dir, info, base_cfg,
                    f"--model {base_cfg.model}" if model_cfg is not None else f"{base_cfg.model} as it is now")
-    chosen = merge_precision(precision, info.get("model", {}).get("precision"), device)
-    print(chosen.note, file=sys.stderr)
-
     try:
         tmp = temp_dir_beside(out_dir)
     except OSError as e:
         raise (write_error(out_dir, e, ELSEWHERE) or e) from None
+    chosen = merge_precision(precision, info.get("model", {}).get("precision"), device)
+    print(chosen.note, file=sys.stderr)
     try:
         model, tok, info = load_tuned(adapter_dir, device, precision=chosen.precision, model_cfg=base_cfg)
         if hasattr(model, "merge_and_unload"):

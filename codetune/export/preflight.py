@@ -101,8 +101,8 @@ def check_adapter(adapter_dir: Path, info: dict) -> None:
         raise ConfigError(f"{cfg_path} is not a PEFT LoRA config (no integer 'r'); copy the adapter again") from None
     bad = rank_mismatches(lora_cfg, read_header(weights))
     if bad:
-        raise ConfigError(f"{cfg_path} does not match {weights.name} ({len(bad)} tensors, e.g. {bad[0]}): the two "
-                          "files come from different runs; copy both from the same adapter folder")
+        raise ConfigError(f"{cfg_path} does not match {weights.name} ({len(bad)} tensors, e.g. {bad[0]}): they are not "
+                          "from the same save; copy both from one adapter folder (a checkpoint's adapter/ is one)")
 
 
 def is_merged_model(path: Path) -> bool:
@@ -117,6 +117,9 @@ def check_out(out_dir: Path, force: bool) -> None:
     """--out must be new, empty, or (with --force) a model merged by codetune: nothing else is replaced."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; merge writes a folder: choose another path")
+    above = next((p for p in out_dir.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"--out {out_dir}: {above} is a file, not a folder; choose another path")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not is_merged_model(out_dir):
