@@ -184,5 +184,7 @@ def test_real_read_only_and_small_disks(lora_adapter, tmp_path):
     assert r.stdout.rstrip().endswith(f"{tmp_path / 'small'}:"), "something was left on the small disk"
     errors = [line for line in r.stderr.splitlines() if line.startswith("codetune merge:")]
     assert len(errors) == 2 and "Traceback" not in r.stderr
+    # the note comes just before loading: only the small disk got that far
+    assert sum(line.startswith("merge: loading the base") for line in r.stderr.splitlines()) == 1
     assert f"cannot write {tmp_path / 'ro' / 'm'}: Read-only file system (EROFS)" in errors[0]
     assert f"not enough space to write {tmp_path / 'small'}" in errors[1] and "choose --out" in errors[1]
