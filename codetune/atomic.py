@@ -3,10 +3,14 @@ merged models) is built in a temporary folder beside its target and swapped in w
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from codetune.config import ConfigError
 
 
 def aside(dst: Path, pid: int | str | None = None) -> Path:
@@ -49,3 +53,58 @@ def write_file(path: Path, write: Callable[[Path], object]) -> None:
 def write_text(path: Path, text: str, **open_kwargs) -> None:
     """`path.write_text(text)`, atomically (see write_file)."""
     write_file(path, lambda tmp: tmp.write_text(text, **open_kwargs))
+
+
+def temp_dir_beside(dst: Path) -> Path:
+    """A fresh empty folder beside `dst` (same file system, so replace_dir's rename is atomic), named for this
+    process. Creating it up front proves the target's folder is writable before any slow work."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # only ever this process's own name: a leftover of an earlier call
+    tmp.mkdir()
+    return tmp
+
+
+# errno -> what to do about it; a write failing for any of these is the user's disk, not a bug
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that disk or {elsewhere}",
+    errno.EDQUOT: "free space within your disk quota or {elsewhere}",
+    errno.EROFS: "that file system is mounted read-only: {elsewhere}",
+    errno.EACCES: "no permission to write there: fix the folder's permissions or {elsewhere}",
+    errno.EPERM: "no permission to write there: fix the folder's permissions or {elsewhere}",
+    errno.ENOTDIR: "part of that path is a file, not a folder: {elsewhere}",
+    errno.EEXIST: "part of that path is a file, not a folder: {elsewhere}",
+}
+
+
+def error_number(exc: BaseException) -> int | None:
+    """The OS error behind `exc`: an OSError's errno, or the code that safetensors' Rust writer
+    ('... (os error 28)') and wrapped errors ('[Errno 28] ...') only give in their message."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    m = re.search(r"\(os error (\d+)\)|\[Errno (\d+)\]", str(exc))
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def write_error(path: Path, exc: BaseException, elsewhere: str = "write somewhere else") -> ConfigError | None:
+    """A one-line ConfigError naming `path`, the cause and the fix when writing failed because of the file
+    system (full, read-only, no permission); None for anything else, which is a bug and should raise as is."""
+    code = error_number(exc)
+    if code not in _WRITE_FIXES:
+        return None
+    fix = _WRITE_FIXES[code].format(elsewhere=elsewhere)
+    return ConfigError(f"cannot write {path}: {os.strerror(code)} ({errno.errorcode[code]}); {fix}")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def ensure_free_space(path: Path, need: int, elsewhere: str = "write somewhere else") -> None:
+    """Refuse before writing `need` bytes under `path` when its disk has less free: a full disk found half-way
+    costs the whole write (and, for a merge, the minutes of loading before it)."""
+    free = shutil.disk_usage(path).free
+    if free < need:
+        raise ConfigError(f"not enough space to write {path}: it needs about {gib(need)} and its disk has "
+                          f"{gib(free)} free; free space there or {elsewhere}")

@@ -4,7 +4,8 @@ A directory holds what `codetune.model.load.load_tuned` needs to rebuild base + 
 - method "lora": PEFT's own files (adapter_config.json, adapter_model.safetensors), so
   `PeftModel.from_pretrained(base, dir)` works without codetune;
 - method "full": only the trained tensors, in trained_weights.safetensors (the frozen rest is the base);
-- the tokenizer files, and codetune.json (base model settings, vocab size, init seed, training setup).
+- the tokenizer files, and codetune.json (base model settings, vocab size, init seed, training setup, and
+  under "base" the shape and tokenizer of the base it trained on, which `codetune merge` checks).
 
 It is written to a temporary directory beside the target and moved into place, so a crash mid-save
 never leaves a half-written adapter where a good one was.
@@ -12,15 +13,44 @@ never leaves a half-written adapter where a good one was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from codetune.atomic import replace_dir
+from codetune.atomic import replace_dir, temp_dir_beside
 from codetune.model.load import RUN_INFO
 
 FULL_WEIGHTS = "trained_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """What an adapter needs of its base: a different one fails to load (shape) or computes garbage
+    (tokenizer: the same ids meaning other text). None = not known."""
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    tokenizer: str | None = None  # codetune.model.tokenizer.tokenizer_fingerprint
+
+    def differences(self, other: BaseShape) -> list[str]:
+        """Fields known on both sides that differ."""
+        return [f.name for f in dataclasses.fields(self)
+                if None not in (getattr(self, f.name), getattr(other, f.name))
+                and getattr(self, f.name) != getattr(other, f.name)]
+
+    def describe(self, fields: list[str]) -> str:
+        return ", ".join(f"{name} {getattr(self, name)}" for name in fields)
+
+
+def base_shape(hf_config, tokenizer=None) -> BaseShape:
+    """The BaseShape of a transformers config (read from config.json, no weights needed) and tokenizer."""
+    from codetune.model.tokenizer import tokenizer_fingerprint
+
+    return BaseShape(getattr(hf_config, "hidden_size", None), getattr(hf_config, "num_hidden_layers", None),
+                     getattr(hf_config, "vocab_size", None),
+                     tokenizer_fingerprint(tokenizer) if tokenizer is not None else None)
 
 
 def trained_state_dict(model) -> dict:
@@ -34,11 +64,9 @@ def save_adapter(model, tokenizer, info: dict, out_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    info = dict(info, base=dataclasses.asdict(base_shape(base.config, tokenizer)))
+    tmp = temp_dir_beside(out_dir)
     try:
         if info.get("method", "lora") == "full":
             tensors = trained_state_dict(model)

@@ -23,6 +23,20 @@ def test_peft_loads_the_adapter_without_codetune(lora_adapter):
         torch.testing.assert_close(peft_model(x).logits, tuned(x).logits)
 
 
+def test_base_shape_is_recorded(lora_adapter):
+    """What merge compares with the base it loads: the shape and the tokenizer training used."""
+    from transformers import AutoTokenizer
+
+    from codetune import registry
+    from codetune.model.tokenizer import ensure_special_tokens, tokenizer_fingerprint
+
+    info = read_run_info(lora_adapter)
+    arch = registry.MODELS["tiny-stablelm"].arch
+    tok = ensure_special_tokens(AutoTokenizer.from_pretrained(str(lora_adapter)))
+    assert info["base"] == {"hidden_size": arch["hidden_size"], "num_layers": arch["num_hidden_layers"],
+                            "vocab_size": info["vocab_size"], "tokenizer": tokenizer_fingerprint(tok)}
+
+
 def test_full_method_saves_only_trained_tensors(full_adapter):
     tensors = load_file(str(full_adapter / "trained_weights.safetensors"))
     assert tensors and all(name.startswith("model.layers.") for name in tensors)

@@ -1,6 +1,8 @@
 """codetune merge: the merged model computes what base + adapter computes, and is a plain HF directory."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,21 +76,40 @@ def test_full_method_merges(full_adapter, tmp_path):
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(out))(x).logits, tuned(x).logits)
 
 
-def test_refuses_non_empty_out_unless_forced(lora_adapter, tmp_path):
+def test_force_replaces_only_a_merged_model(lora_adapter, merged, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    for force in (False, True):  # a folder merge did not write is never replaced, --force or not
+        with pytest.raises(ConfigError, match="did not write"):
+            merge_adapter(lora_adapter, out, force=force)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    shutil.copytree(merged, tmp_path / "ours")
     with pytest.raises(ConfigError, match="--force"):
-        merge_adapter(lora_adapter, out)
-    assert (out / "keep.txt").exists()
-    merge_adapter(lora_adapter, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+        merge_adapter(lora_adapter, tmp_path / "ours")
+    (tmp_path / "ours" / "stale.bin").write_text("old")
+    merge_adapter(lora_adapter, tmp_path / "ours", force=True)
+    assert not (tmp_path / "ours" / "stale.bin").exists() and (tmp_path / "ours" / "model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp/old directories left behind"
 
 
-def test_refuses_quantized_precision(lora_adapter, tmp_path):
-    with pytest.raises(ConfigError, match="full-precision"):
-        merge_adapter(lora_adapter, tmp_path / "m", precision="nf4")
+def test_quantized_precision_merges_in_full_precision(lora_adapter, tmp_path, capsys):
+    out = merge_adapter(lora_adapter, tmp_path / "m", precision="nf4")
+    assert read_run_info(out)["merge_precision"] == "fp32"
+    note = capsys.readouterr().err
+    assert "loading the base in fp32" in note and "precision nf4 applies to training" in note
+
+
+def test_cli_merge_with_the_nf4_preset(lora_adapter, tmp_path, capsys):
+    """The 10 GB preset trains in nf4; merge reads it and still merges into full-precision weights."""
+    preset = Path(__file__).resolve().parents[2] / "configs" / "stable-code-3b-10gb.yaml"
+    assert "precision: nf4" in preset.read_text()
+    out = tmp_path / "m"
+    assert main(["merge", "--config", str(preset), "--adapter", str(lora_adapter), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("merge: ")]
+    assert len(err) == 1 and "in fp32" in err[0] and "nf4" in err[0]
+    assert read_run_info(out)["merge_precision"] == "fp32"
 
 
 def test_cli_merge(lora_adapter, tmp_path, capsys):
@@ -96,7 +117,7 @@ def test_cli_merge(lora_adapter, tmp_path, capsys):
     assert main(["merge", "--adapter", str(lora_adapter), "--out", str(out), "--device", "cpu"]) == 0
     assert read_run_info(out)["merge_precision"] == "fp32"
     assert main(["merge", "--adapter", str(lora_adapter), "--out", str(out), "--device", "cpu"]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "already holds a merged model" in capsys.readouterr().err
 
 
 def test_eval_results_file_from_codetune_eval(lora_adapter, tmp_path):
