@@ -33,7 +33,7 @@ class Limits:
     body_timeout: float = 30.0  # seconds to receive the whole body once the headers are in
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection is kept
     max_connections: int = 512  # open connections; past it, new requests get 503
-    max_header_bytes: int = 16 * 1024  # request line + headers (h11's own default)
+    max_header_bytes: int = 16 * 1024  # request line + headers buffered while incomplete (h11's default)
     max_stop: int = 4  # as in OpenAI's API
     max_stop_chars: int = 256
     default_max_tokens: int = 16  # OpenAI's default when max_tokens is absent
@@ -63,15 +63,21 @@ LIMIT_FLAGS = [
     LimitFlag("keep_alive_timeout", "--keep-alive-timeout", "seconds an idle keep-alive connection stays open"),
     LimitFlag("max_connections", "--max-connections", "open connections before new requests get 503 "
                                                       "(kept below the open-file limit)"),
-    LimitFlag("max_header_bytes", "--max-header-bytes", "largest request line + headers"),
+    LimitFlag("max_header_bytes", "--max-header-bytes", "most bytes of an incomplete request line + headers "
+                                                        "held before answering 400"),
 ]
 
 
 def limit_cli_flags() -> list[tuple[tuple[str, ...], dict]]:
     """The flags in the form codetune.cli reads from a module's CLI_FLAGS, defaults from Limits."""
     default = Limits()
-    return [((f.flag,), dict(type=type(getattr(default, f.field)), default=getattr(default, f.field),
-                             help=f.help)) for f in LIMIT_FLAGS]
+    flags = []
+    for f in LIMIT_FLAGS:
+        value = getattr(default, f.field)
+        # shown in the help text itself, as codetune.config does for its sections: subcommand parsers
+        # do not use argparse's defaults formatter
+        flags.append(((f.flag,), dict(type=type(value), default=value, help=f"{f.help} (default: {value})")))
+    return flags
 
 
 def limits_from_args(ns: argparse.Namespace) -> Limits:

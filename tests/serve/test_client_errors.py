@@ -26,7 +26,7 @@ CASES = [  # (what, body, field)
     ("lone surrogate in a listed prompt", _raw('"prompt": ["ok", "\\udfff"]'), "prompt"),
     ("lone surrogate in the suffix", _raw('"prompt": "a", "suffix": "\\ud83d"'), "suffix"),
     ("lone surrogate in a stop string", _raw('"prompt": "a", "stop": ["\\ud800"]'), "stop"),
-    ("lone surrogate in the model", f'{{"model": "m\\ud800", "prompt": "a"}}'.encode(), "model"),
+    ("lone surrogate in the model", b'{"model": "m\\ud800", "prompt": "a"}', "model"),
     ("seed = 2**64", _raw(f'"prompt": "a", "seed": {2 ** 64}'), "seed"),
     ("seed = 2**63", _raw(f'"prompt": "a", "seed": {2 ** 63}'), "seed"),
     ("seed below -2**63", _raw(f'"prompt": "a", "seed": {-(2 ** 63) - 1}'), "seed"),
