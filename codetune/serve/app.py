@@ -267,14 +267,16 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     from codetune.export.generate import load_for_inference
     from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
-    from codetune.serve.guard import fit_connections, log_config, uvicorn_config
+    from codetune.serve.guard import fit_connections, log_config, raise_open_file_limit, uvicorn_config
 
     limits = limits_from_args(ns)
-    fitted = fit_connections(limits.max_connections)
-    if fitted.open_files is not None:
+    open_files = raise_open_file_limit()
+    fitted = fit_connections(limits.max_connections, open_files)
+    if fitted.lowered:
         print(f"codetune serve: warning: --max-connections={limits.max_connections} does not fit the open-file "
-              f"limit ({fitted.open_files}, `ulimit -n`); serving at most {fitted.cap} connections", file=sys.stderr)
-        limits = dataclasses.replace(limits, max_connections=fitted.cap)
+              f"limit ({open_files}, `ulimit -n`); serving at most {fitted.max_connections} connections",
+              file=sys.stderr)
+        limits = dataclasses.replace(limits, max_connections=fitted.max_connections)
     api_key = ns.api_key or os.environ.get("CODETUNE_API_KEY") or None
     if not is_loopback(ns.host) and not api_key:
         print(f"codetune serve: warning: listening on {ns.host} without --api-key; anyone who can reach this "
@@ -285,8 +287,8 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     app = create_app(engine, ns.served_model_name, limits, api_key)
     print(f"codetune serve: model {ns.served_model_name!r} at http://{ns.host}:{ns.port}/v1", file=sys.stderr)
     try:
-        uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, log_level="info",
-                                      log_config=log_config())).run()
+        uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, backlog=fitted.backlog,
+                                      log_level="info", log_config=log_config())).run()
     finally:
         engine.close()
     return 0

@@ -5,7 +5,7 @@ uvicorn bounds header size and idle keep-alive time, but not how long a client m
 request: a client that sends half a request line (or nothing) holds its connection and file descriptor
 forever, and a body can trickle in for hours. Here each request's headers get a deadline (a protocol
 that extends uvicorn's h11 one), its body another (RequestGuard, which also caps the body's size while
-reading it, instead of after), and the number of connections a cap kept below the open-file limit.
+reading it, instead of after), and the number of connections a cap that fits the open-file limit.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ log = logging.getLogger("codetune.serve")
 # Descriptors kept back from --max-connections: the listening socket, the log, the model's files, the
 # tokenizer's and torch's own.
 FD_RESERVE = 64
+BACKLOG = 2048  # uvicorn's default listen backlog
 
 
 def peer(client) -> str:
@@ -127,6 +128,14 @@ class HeaderDeadlineH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        # uvicorn answers 503 to requests on the connection that reaches the cap; past that, a
+        # connection is closed at once, so a flood of idle ones cannot hold descriptors until the
+        # header deadline
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            log.info("closed the connection from %s: %d connections are open (--max-connections)",
+                     peer(self.client), len(self.connections) - 1)
+            transport.close()
+            return
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
@@ -161,7 +170,8 @@ class HeaderDeadlineH11(H11Protocol):
 
 
 def uvicorn_config(app, limits: Limits, **kwargs) -> uvicorn.Config:
-    """The uvicorn settings that carry `limits`; kwargs (host, port, log_level, ...) go to uvicorn."""
+    """The uvicorn settings that carry `limits`; kwargs (host, port, backlog, log_level, ...) go to
+    uvicorn."""
     return uvicorn.Config(app, http=functools.partial(HeaderDeadlineH11, header_timeout=limits.header_timeout),
                           timeout_keep_alive=limits.keep_alive_timeout, limit_concurrency=limits.max_connections,
                           h11_max_incomplete_event_size=limits.max_header_bytes, **kwargs)
@@ -174,17 +184,35 @@ def log_config() -> dict:
     return config
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit, as Go's runtime does: the usual
+    soft default (1024) dates from select() and is far below what a server's connections need. Returns
+    the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. above the kernel's nr_open: keep what there is
+            pass
+    return soft
+
+
 @dataclass(frozen=True)
-class ConnectionCap:
-    cap: int
-    open_files: int | None  # the soft limit that lowered it, or None when it stands as asked
+class ConnectionBudget:
+    max_connections: int
+    backlog: int  # uvicorn's listen backlog, which is also how many connections asyncio accepts per tick
+    lowered: bool  # max_connections is below what was asked, to fit the open-file limit
 
 
-def fit_connections(wanted: int, soft_limit: int | None = None) -> ConnectionCap:
-    """`wanted`, lowered to leave FD_RESERVE descriptors under the open-file limit: a server out of
-    descriptors fails every accept (logging each failure) and then answers no one, not even with a 503."""
-    if soft_limit is None:
-        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft_limit == resource.RLIM_INFINITY or wanted <= soft_limit - FD_RESERVE:
-        return ConnectionCap(wanted, None)
-    return ConnectionCap(max(1, soft_limit - FD_RESERVE), soft_limit)
+def fit_connections(wanted: int, open_files: int) -> ConnectionBudget:
+    """Connections and accept backlog that stay under `open_files` (less FD_RESERVE) even when a burst
+    of connections arrives at once. A server out of descriptors answers no one, and asyncio (3.11)
+    then retries accept() in a loop that logs a traceback per attempt."""
+    if open_files == resource.RLIM_INFINITY:
+        return ConnectionBudget(wanted, BACKLOG, False)
+    budget = max(2, open_files - FD_RESERVE)
+    backlog = min(BACKLOG, budget // 2)
+    cap = min(wanted, budget - backlog)
+    return ConnectionBudget(cap, backlog, cap < wanted)

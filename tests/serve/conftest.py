@@ -25,6 +25,7 @@ class Server:
     port: int
     engine: object
     limits: object
+    http: object  # the uvicorn.Server
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +59,7 @@ def running_server(model, tok, limits):
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
     try:
-        yield Server(f"http://127.0.0.1:{port}", port, engine, limits)
+        yield Server(f"http://127.0.0.1:{port}", port, engine, limits, srv)
     finally:
         srv.should_exit = True
         thread.join(timeout=10)

@@ -176,16 +176,26 @@ def test_chunked_body_over_the_limit_is_cut_off(strict):
     assert got.startswith(b"HTTP/1.1 413")
 
 
-def test_connection_cap_answers_503(strict):
-    idle = [socket.create_connection(("127.0.0.1", strict.port), timeout=10)
-            for _ in range(strict.limits.max_connections)]
-    try:
-        r = httpx.get(f"{strict.base_url}/health", timeout=10)
-        assert r.status_code == 503
-    finally:
-        for s in idle:
-            s.close()
-    _until(lambda: httpx.get(f"{strict.base_url}/health", timeout=10).status_code == 200, 10, step=0.1)
+def test_connection_cap(tiny_model):
+    """The request on the connection that reaches --max-connections gets 503; a connection past it is
+    closed at once rather than held until the header deadline (a flood of idle connections must not
+    use up the open-file limit)."""
+    limits = Limits(max_connections=4, header_timeout=5.0)
+    with running_server(*tiny_model, limits) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(3)]
+        try:
+            _until(lambda: len(srv.http.server_state.connections) == 3, 5)
+            with httpx.Client(timeout=10) as c:
+                assert c.get(f"{srv.base_url}/health").status_code == 503  # the 4th connection
+            idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+            _until(lambda: len(srv.http.server_state.connections) == 4, 5)
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as extra:  # the 5th
+                got, took = _closed_within(extra, 10)
+            assert got == b"" and took < limits.header_timeout / 2
+        finally:
+            for s in idle:
+                s.close()
+        _until(lambda: httpx.get(f"{srv.base_url}/health", timeout=10).status_code == 200, 10, step=0.1)
 
 
 def test_long_prompt_is_refused_before_tokenising(strict, monkeypatch):

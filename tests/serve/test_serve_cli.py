@@ -74,9 +74,11 @@ def test_limits_from_flags_refuse_non_positive_values():
 
 
 def test_connection_cap_fits_the_open_file_limit():
-    from codetune.serve.guard import FD_RESERVE, fit_connections
+    from codetune.serve.guard import BACKLOG, FD_RESERVE, fit_connections
 
-    assert fit_connections(100, 1024).cap == 100 and fit_connections(100, 1024).open_files is None
-    fitted = fit_connections(512, 256)
-    assert (fitted.cap, fitted.open_files) == (256 - FD_RESERVE, 256)
-    assert fit_connections(512, 10).cap == 1
+    roomy = fit_connections(512, 1 << 20)
+    assert (roomy.max_connections, roomy.backlog, roomy.lowered) == (512, BACKLOG, False)
+    tight = fit_connections(512, 256)
+    assert tight.lowered and tight.max_connections + tight.backlog <= 256 - FD_RESERVE
+    assert tight.max_connections >= 1 and tight.backlog >= 1
+    assert fit_connections(512, 10).max_connections >= 1
