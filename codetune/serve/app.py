@@ -148,12 +148,15 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def first_of(request: Request, future, timeout: float | None) -> str:
-        """"done" when `future` (an engine future) resolves, "gone" when the client disconnects first,
-        "late" when `timeout` passes first. The engine's future is never cancelled from here."""
+    async def first_of(request: Request, job, future, timeout: float | None) -> str:
+        """"done" when `future` (one of the job's) resolves, "gone" when the client disconnects first,
+        "late" when `timeout` passes first. The engine's futures are never cancelled from here."""
         done, gone = asyncio.wrap_future(future), asyncio.ensure_future(client_gone(request))
         try:
             finished, _ = await asyncio.wait({done, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is shutting down
+            engine.abandon(job)
+            raise
         finally:
             gone.cancel()
         return "done" if done in finished else "gone" if gone in finished else "late"
@@ -161,7 +164,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
     async def wait_for_worker(request: Request, job) -> bool:
         """Until the worker takes the job up; False if the client left first. A job still queued after
         --queue-timeout is withdrawn and answered 503."""
-        outcome = await first_of(request, job.started, limits.queue_timeout)
+        outcome = await first_of(request, job, job.started, limits.queue_timeout)
         if outcome == "gone":
             engine.abandon(job)
             log.info("%s disconnected while its request was queued; dropped it", peer(request.client))
@@ -207,7 +210,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
         job = submit(prompts, params)
         if not await wait_for_worker(request, job):
             return gone
-        if await first_of(request, job.future, None) == "gone":
+        if await first_of(request, job, job.future, None) == "gone":
             engine.abandon(job)
             log.info("%s disconnected; stopped generating for it", peer(request.client))
             return gone
