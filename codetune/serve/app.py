@@ -2,8 +2,10 @@
 speak OpenAI's API (Continue, Tabby-style clients, the `openai` package) can use a fine-tuned model.
 
 Routes: POST /v1/completions (prompt or fill-in-the-middle through `suffix`, streaming as server-sent
-events), GET /v1/models, GET /health. Requests queue through one engine worker (engine.py); bodies,
-token budgets and choice counts are bounded (schemas.py); errors are JSON in OpenAI's shape.
+events), GET /v1/models, GET /health. Requests queue through one engine worker (engine.py) and stop
+generating when their client disconnects; request fields, token budgets and choice counts are checked
+(schemas.py); connections, headers and bodies are bounded in time and size (guard.py); every limit is
+a flag (limits.py); errors are JSON in OpenAI's shape.
 FastAPI and uvicorn are imported only when serving: they are the optional `serve` extra.
 """
 
@@ -11,6 +13,7 @@ FastAPI and uvicorn are imported only when serving: they are the optional `serve
 # at run time, and they are imported inside create_app so FastAPI stays an optional dependency.
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -19,8 +22,8 @@ import sys
 import time
 import uuid
 
-from codetune.config import ConfigError
-from codetune.serve.schemas import ApiError, Limits
+from codetune.serve.limits import RETRY_AFTER_S, Limits, limit_cli_flags, limits_from_args
+from codetune.serve.schemas import ApiError
 
 CLI_FLAGS = [
     (("--adapter",), dict(metavar="DIR", help="adapter directory from `codetune train` (or serve --model alone, "
@@ -32,10 +35,7 @@ CLI_FLAGS = [
                           help="require 'Authorization: Bearer KEY'; default: $CODETUNE_API_KEY (safer than a flag, "
                                "which other users can see in the process list); neither = open")),
     (("--served-model-name",), dict(default="codetune", metavar="NAME", help="the model id clients ask for")),
-    (("--max-tokens-limit",), dict(type=int, default=1024, help="largest max_tokens a request may ask for")),
-    (("--max-choices",), dict(type=int, default=16, help="largest n x prompts per request")),
-    (("--max-pending",), dict(type=int, default=1024, help="queued requests before answering 503 busy")),
-    (("--max-body-bytes",), dict(type=int, default=1 << 20, help="largest request body")),
+    *limit_cli_flags(),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
 ]
 
@@ -48,34 +48,41 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
     """A FastAPI app serving `engine`'s model under the id `model_name`."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
     from codetune.export.sampling import SamplingParams, fim_ids, max_context, prompt_ids
     from codetune.serve.engine import Busy
-    from codetune.serve.schemas import check_request, parse_request, prompt_list, stop_list
+    from codetune.serve.guard import RequestGuard, log, peer
+    from codetune.serve.schemas import (
+        check_prompt_bytes,
+        check_request,
+        max_tokens_of,
+        parse_request,
+        prompt_list,
+        stop_list,
+    )
 
     limits = limits or Limits()
     context = max_context(engine.model)
     created = int(time.time())
     app = FastAPI(title="codetune", docs_url=None, redoc_url=None)
+    # outermost of the app's own layers: it reads (and bounds) the body before any route runs, and
+    # turns an exception no handler took into a generic 500 that keeps the connection
+    app.add_middleware(RequestGuard, limits=limits)
 
     @app.exception_handler(ApiError)
     async def api_error(_req, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(HTTPException)
     async def http_error(_req, e: HTTPException):  # unknown routes, wrong methods: same JSON shape
         return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_req, e: RequestValidationError):
-        return JSONResponse(ApiError(400, f"invalid request: {e.errors()}").body(), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_req, e: Exception):  # e.g. generation failed: still JSON, still OpenAI's shape
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
-                            status_code=500)
+    async def validation_error(_req, e: RequestValidationError):  # path parameters; no input echoed
+        fields = ", ".join(".".join(str(x) for x in err["loc"]) for err in e.errors())
+        return JSONResponse(ApiError(400, f"invalid request: {fields}").body(), status_code=400)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -103,25 +110,17 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                            param="model", code="model_not_found")
         return model_card()
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise ApiError(413, f"request body is {declared} bytes; the limit is {limits.max_body_bytes}")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limits.max_body_bytes:
-                raise ApiError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
-        return bytes(body)
-
     def build_job(req) -> tuple[list[list[int]], list[SamplingParams], int]:
         """Token ids and sampling settings per choice, with the context length checked; and the number of
         prompt tokens as OpenAI counts them (each prompt once, whatever n is)."""
         tok, n = engine.tokenizer, req.n or 1
-        max_tokens = req.max_tokens or limits.default_max_tokens
+        max_tokens = max_tokens_of(req, limits)
         prompts, params, prompt_tokens = [], [], 0
         for text in prompt_list(req):
             ids = fim_ids(tok, text, req.suffix) if req.suffix is not None else prompt_ids(tok, text)
+            if not ids:
+                raise ApiError(400, "prompt is empty: send some text, or a suffix for fill-in-the-middle",
+                               param="prompt")
             if len(ids) + max_tokens > context:
                 raise ApiError(400, f"This model's maximum context length is {context} tokens, however you "
                                     f"requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; "
@@ -141,21 +140,57 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
         try:
             return engine.submit(prompts, params, on_text)
         except Busy as e:
-            raise ApiError(503, f"server busy: {e}", type="server_error", code="server_busy") from None
+            raise ApiError(503, f"server busy: {e}", type="server_error", code="server_busy",
+                           retry_after=RETRY_AFTER_S) from None
+
+    async def client_gone(request: Request) -> None:
+        # After the body, the only message uvicorn delivers is the disconnect (or the end of the response)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def first_of(request: Request, job, future, timeout: float | None) -> str:
+        """"done" when `future` (one of the job's) resolves, "gone" when the client disconnects first,
+        "late" when `timeout` passes first. The engine's futures are never cancelled from here."""
+        done, gone = asyncio.wrap_future(future), asyncio.ensure_future(client_gone(request))
+        try:
+            finished, _ = await asyncio.wait({done, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is shutting down
+            engine.abandon(job)
+            raise
+        finally:
+            gone.cancel()
+        return "done" if done in finished else "gone" if gone in finished else "late"
+
+    async def wait_for_worker(request: Request, job) -> bool:
+        """Until the worker takes the job up; False if the client left first. A job still queued after
+        --queue-timeout is withdrawn and answered 503."""
+        outcome = await first_of(request, job, job.started, limits.queue_timeout)
+        if outcome == "gone":
+            engine.abandon(job)
+            log.info("%s disconnected while its request was queued; dropped it", peer(request.client))
+            return False
+        if outcome == "late" and engine.withdraw(job):
+            log.info("%s waited %g s in the queue (--queue-timeout); answered 503", peer(request.client),
+                     limits.queue_timeout)
+            raise ApiError(503, f"server busy: the request waited {limits.queue_timeout:g} s in the queue "
+                                f"({engine.pending} waiting); retry shortly", type="server_error",
+                           code="server_busy", retry_after=RETRY_AFTER_S)
+        return True  # started (perhaps just as the timeout passed)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request):
-        req = parse_request(await read_body(request))
+        req = parse_request(await request.body())
         check_request(req, limits)
         if req.model != model_name:
             raise ApiError(404, f"model {req.model!r} does not exist; this server has {model_name!r} "
                                 "(see /v1/models)", param="model", code="model_not_found")
+        check_prompt_bytes(req, context, limits)
         # tokenizing up to a MiB of prompt should not stall the event loop
         prompts, params, prompt_tokens = await asyncio.to_thread(build_job, req)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name}
+        gone = Response(status_code=499)  # never sent (the client has gone); nginx's code, for the record
         if req.stream:
-            # submitted before the response starts, so a full queue is still answered with a 503
             loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
 
             def put(item) -> None:  # called from the engine thread
@@ -166,15 +201,20 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
 
             job = submit(prompts, params, on_text=lambda i, piece: put((i, piece)))
             job.future.add_done_callback(lambda _f: put(None))
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(stream(head, job, pieces, prompt_tokens, include_usage),
+            # the response starts once the job does, so a full queue or a queue timeout is still a 503
+            if not await wait_for_worker(request, job):
+                return gone
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(request, head, job, pieces, prompt_tokens, include_usage),
                                      media_type="text/event-stream")
         job = submit(prompts, params)
-        try:
-            done = await asyncio.wrap_future(job.future)
-        except asyncio.CancelledError:
-            job.cancel.set()
-            raise
+        if not await wait_for_worker(request, job):
+            return gone
+        if await first_of(request, job, job.future, None) == "gone":
+            engine.abandon(job)
+            log.info("%s disconnected; stopped generating for it", peer(request.client))
+            return gone
+        done = job.future.result()  # a generation error propagates: RequestGuard answers a generic 500
         choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
                    for i, c in enumerate(done)]
         return dict(head, choices=choices, usage=usage(prompt_tokens, done))
@@ -184,7 +224,8 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    async def stream(head, job, pieces: asyncio.Queue, prompt_tokens: int, include_usage: bool):
+    async def stream(request, head, job, pieces: asyncio.Queue, prompt_tokens: int, include_usage: bool):
+        finished = False
         try:
             while (item := await pieces.get()) is not None:
                 i, piece = item
@@ -192,17 +233,23 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                                                 "finish_reason": None}]))
             try:
                 done = job.future.result()
-            except Exception as e:  # headers are sent already: report in-band, as OpenAI does
-                yield _sse(ApiError(500, f"generation failed: {e}", type="server_error").body())
+            except Exception:  # headers are sent already: report in-band, as OpenAI does
+                log.exception("generation failed for %s", peer(request.client))
+                finished = True
+                yield _sse(ApiError(500, "generation failed (the server's log has the details)",
+                                    type="server_error").body())
                 return
             for i, c in enumerate(done):
                 yield _sse(dict(head, choices=[{"text": "", "index": i, "logprobs": None,
                                                 "finish_reason": c.finish_reason}]))
             if include_usage:
                 yield _sse(dict(head, choices=[], usage=usage(prompt_tokens, done)))
+            finished = True
             yield "data: [DONE]\n\n"
         finally:
             job.cancel.set()  # client gone or stream over: stop generating for it
+            if not finished:
+                log.info("%s disconnected mid-stream; stopped generating for it", peer(request.client))
 
     return app
 
@@ -223,22 +270,28 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     from codetune.export.generate import load_for_inference
     from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
+    from codetune.serve.guard import fit_connections, log_config, raise_open_file_limit, uvicorn_config
 
-    for flag in ("max_tokens_limit", "max_choices", "max_pending", "max_body_bytes"):
-        if getattr(ns, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}={getattr(ns, flag)}: must be at least 1")
+    limits = limits_from_args(ns)
+    open_files = raise_open_file_limit()
+    fitted = fit_connections(limits.max_connections, open_files)
+    if fitted.lowered:
+        print(f"codetune serve: warning: --max-connections={limits.max_connections} does not fit the open-file "
+              f"limit ({open_files}, `ulimit -n`); serving at most {fitted.max_connections} connections",
+              file=sys.stderr)
+        limits = dataclasses.replace(limits, max_connections=fitted.max_connections)
     api_key = ns.api_key or os.environ.get("CODETUNE_API_KEY") or None
     if not is_loopback(ns.host) and not api_key:
         print(f"codetune serve: warning: listening on {ns.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)
     model, tok = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
                                     model_cfg_given=hasattr(ns, "model.model"))
-    engine = Engine(model, tok, max_pending=ns.max_pending)
-    limits = Limits(max_tokens=ns.max_tokens_limit, max_choices=ns.max_choices, max_body_bytes=ns.max_body_bytes)
+    engine = Engine(model, tok, max_pending=limits.max_pending)
     app = create_app(engine, ns.served_model_name, limits, api_key)
     print(f"codetune serve: model {ns.served_model_name!r} at http://{ns.host}:{ns.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
+        uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, backlog=fitted.backlog,
+                                      log_level="info", log_config=log_config())).run()
     finally:
         engine.close()
     return 0

@@ -65,23 +65,3 @@ def test_200_concurrent_requests_all_answered(server):
     assert len(texts) == 200 and all(isinstance(t, str) for t in texts)
     assert elapsed < 60
     assert server.engine.pending == 0
-
-
-def test_disconnected_stream_stops_generating(server):
-    """A client that hangs up mid-stream frees the worker instead of leaving it writing 400 tokens."""
-    body = {"model": MODEL, "prompt": "def main():", "max_tokens": 400, "temperature": 0, "stream": True}
-    t0 = time.perf_counter()
-    with httpx.Client(timeout=30) as c:
-        with c.stream("POST", f"{server.base_url}/v1/completions", json=body, headers=AUTH) as r:
-            assert r.status_code == 200
-            next(r.iter_lines())  # one event, then hang up
-    while server.engine.pending and time.perf_counter() - t0 < 30:
-        time.sleep(0.01)
-    freed = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    with httpx.Client(timeout=120) as c:
-        full = c.post(f"{server.base_url}/v1/completions", json=dict(body, stream=False), headers=AUTH).json()
-    whole = time.perf_counter() - t1
-    print(f"worker freed {freed:.2f}s after the hang-up; the whole completion takes {whole:.2f}s "
-          f"({full['usage']['completion_tokens']} tokens)")
-    assert server.engine.pending == 0 and freed < whole / 2

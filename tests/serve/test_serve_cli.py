@@ -41,3 +41,44 @@ def test_serve_command(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_limit_is_a_flag_with_its_default_shown(capsys):
+    import pytest
+
+    from codetune.cli import build_parser
+    from codetune.serve.limits import LIMIT_FLAGS, Limits
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in LIMIT_FLAGS:
+        assert f.flag in shown
+        assert f"(default: {getattr(Limits(), f.field)})" in shown.split(f.flag, 2)[-1], f.flag
+
+
+def test_limits_from_flags_refuse_non_positive_values():
+    import pytest
+
+    from codetune.cli import build_parser
+    from codetune.config import ConfigError
+    from codetune.serve.limits import limits_from_args
+
+    parse = build_parser().parse_args
+    limits = limits_from_args(parse(["serve", "--queue-timeout", "2.5", "--max-connections", "9"]))
+    assert (limits.queue_timeout, limits.max_connections) == (2.5, 9)
+    for flag, value in [("--queue-timeout", "0"), ("--header-timeout", "-1"), ("--body-timeout", "nan"),
+                        ("--keep-alive-timeout", "inf"), ("--max-connections", "0"), ("--max-pending", "0")]:
+        with pytest.raises(ConfigError, match=flag):
+            limits_from_args(parse(["serve", flag, value]))
+
+
+def test_connection_cap_fits_the_open_file_limit():
+    from codetune.serve.guard import BACKLOG, FD_RESERVE, fit_connections
+
+    roomy = fit_connections(512, 1 << 20)
+    assert (roomy.max_connections, roomy.backlog, roomy.lowered) == (512, BACKLOG, False)
+    tight = fit_connections(512, 256)
+    assert tight.lowered and tight.max_connections + tight.backlog <= 256 - FD_RESERVE
+    assert tight.max_connections >= 1 and tight.backlog >= 1
+    assert fit_connections(512, 10).max_connections >= 1
