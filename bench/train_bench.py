@@ -27,6 +27,7 @@ configure_allocator()
 import torch  # noqa: E402
 
 from codetune.config import build  # noqa: E402
+from codetune.model.layers import graph_bank  # noqa: E402
 from codetune.model.load import padded_vocab  # noqa: E402
 from codetune.model.tokenizer import ensure_special_tokens  # noqa: E402
 from codetune.train import recipe  # noqa: E402
@@ -153,7 +154,7 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
            "fast_lora": not a.no_fast_lora, "fast_layers": not a.no_fast_layers, "cuda_graphs": a.cuda_graphs, "offload": a.offload, "max_vram": a.max_vram,
            "cpu_embeddings": not a.no_cpu_embeddings, "mlp_chunk_mib": _mlp_chunk_mib(),
            "trainable_params": trainable, "tokens_per_s": round(seq / step_s, 1)}
-    bank = getattr(model, "_codetune_graphs", None)
+    bank = graph_bank(model)
     if bank is not None:
         from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS
         res.update(graphs_captured=bank.captured, graphs_failure=bank.failure, graphs_active=bank.active and bank.enabled,

@@ -42,31 +42,36 @@ SPAN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 _MIN_SLOTS = 8  # document slots of the smallest bucket (see document_spans)
 
 
-def document_spans(position_ids: torch.Tensor) -> dict:
+def document_spans(position_ids: torch.Tensor, static: bool = False) -> dict:
     """The layer keyword arguments that describe a packed batch's documents, from its (CPU) position ids.
 
     A document starts where the position does not continue the previous one (+1), and at every row start
     (rows are independent sequences). `cu_seq_lens` holds the flattened (batch x seq) start of each document
-    and the total at the end, padded with the total (zero-length documents, which the kernels skip) up to a
-    fixed number of document slots: one per 256 tokens of a row (at least 8, a power of two), doubled only
-    for a batch with more documents than that. So every batch of a run has the same shapes, and CUDA graphs
-    capture each layer once instead of once per document count (each capture keeps its own static buffers).
-    `max_length` is the row length: a static upper bound (the flash kernel sizes its grid by it; blocks past
-    a document's end exit at once)."""
+    and the total at the end. The flash kernel's grid is (max_length / 128) x documents x heads, and its
+    blocks past a document's end exit at once, so:
+
+    * static=False (eager layers): exactly one slot per document and `max_length` the longest one: no
+      wasted blocks;
+    * static=True (the layers replay as CUDA graphs, which need fixed shapes and values): the slots padded
+      with the total (zero-length documents) up to a power of two (at least 8) and `max_length` the row
+      length, so a run sees a few shapes (a capture each) rather than one per document count."""
     pos = position_ids.detach().to("cpu", torch.int64)
     if pos.dim() == 1:
         pos = pos[None]
     b, s = pos.shape
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    begin = starts.reshape(-1).nonzero().flatten()
-    slots = max(_MIN_SLOTS, 1 << (max(1, b * s // 256) - 1).bit_length())
-    while slots < len(begin):
-        slots *= 2
-    cu = torch.full((slots + 1,), b * s, dtype=torch.int32)
-    cu[: len(begin)] = begin.to(torch.int32)
+    begin = starts.reshape(-1).nonzero().flatten().to(torch.int32)
+    if static:
+        slots = max(_MIN_SLOTS, 1 << (len(begin) - 1).bit_length())
+        cu = torch.full((slots + 1,), b * s, dtype=torch.int32)
+        cu[: len(begin)] = begin
+        longest = s
+    else:
+        cu = torch.cat([begin, torch.tensor([b * s], dtype=torch.int32)])
+        longest = int((cu[1:] - cu[:-1]).max())
     cu = cu.pin_memory() if torch.cuda.is_available() else cu
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": s, "max_length_k": s}
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def spans_to(spans: dict, device: torch.device) -> dict:

@@ -37,6 +37,12 @@ from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS as AUTO_MAX_TOKENS  # (w
 log = logging.getLogger(__name__)
 
 
+def graphs_for(mode: str, tokens: int) -> bool:
+    """Do micro-batches of `tokens` tokens run as CUDA graphs under --cuda-graphs `mode`? The one rule, asked
+    by the bank at run time, by the trainer (which then keeps the batch's shapes static) and by the planner."""
+    return mode == "on" or (mode == "auto" and tokens <= AUTO_MAX_TOKENS)
+
+
 def _tensor_seq(v) -> bool:
     """A non-empty tuple/list of tensors (position_embeddings = (cos, sin))."""
     return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(t, torch.Tensor) for t in v)
@@ -101,6 +107,7 @@ class GraphBank:
         self.mode = mode
         self.pool = torch.cuda.graph_pool_handle()
         self.statics: dict = {}
+        self.streams: dict = {}           # residual-stream buffers per (shape, dtype), shared by all signatures
         self.enabled = True
         self.failure: str | None = None
         self.captured = 0
@@ -126,7 +133,7 @@ class GraphBank:
         if shape != self.shape:
             self._drop()
             self.shape = shape
-            self.active = self.mode == "on" or shape[0] * shape[1] <= AUTO_MAX_TOKENS
+            self.active = graphs_for(self.mode, shape[0] * shape[1])
         return self.active
 
     def _drop(self) -> None:
@@ -136,15 +143,23 @@ class GraphBank:
         for holder in self.holders:
             holder.clear()
         self.statics.clear()
+        self.streams.clear()
         self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the old pool's memory goes back once no graph holds it
 
     def statics_for(self, sig, hidden: torch.Tensor, tensors: list[torch.Tensor]) -> _Statics:
+        """Static buffers of one call signature. The three residual-stream buffers are shared by every
+        signature of the same hidden shape (layers run one at a time, and each replay's output is cloned out
+        before the next): batches whose keyword tensors differ in shape (packed-document spans with more
+        slots) cost a capture, not another 6 x tokens x hidden bytes."""
         s = self.statics.get(sig)
         if s is None:
-            s = _Statics(torch.empty_like(hidden), torch.empty_like(hidden), torch.empty_like(hidden),
-                         [torch.empty_like(t) for t in tensors])
+            key = (tuple(hidden.shape), hidden.dtype, hidden.device)
+            stream = self.streams.get(key)
+            if stream is None:
+                stream = self.streams[key] = tuple(torch.empty_like(hidden) for _ in range(3))
+            s = _Statics(*stream, [torch.empty_like(t) for t in tensors])
             self.statics[sig] = s
         return s
 

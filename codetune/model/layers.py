@@ -183,6 +183,7 @@ class LayerRunner:
         self.replay_rng = _stochastic(layer)
         self.fast = fast_forward(layer) if (fast and not self.hooked) else None
         self.graphs = None
+        self.bank = bank
         if bank is not None and self.fast is not None and not self.replay_rng:
             from codetune.model.graphs import LayerGraphs
 
@@ -206,7 +207,12 @@ class LayerRunner:
                 return self.original(hidden_states, *args, **kwargs)
             # validation (no grad, no KV cache): the same fused forward as training, so its numbers and its
             # memory are those of the training path (transformers' layer would dequantize and allocate anew)
-            fn, _ = self._forward(hidden_states, args, _without_cache(kwargs), graphs=False)
+            # Where training replays the layer's forward as a CUDA graph, validation replays the same graph (its
+            # memory is the graphs' pool, already reserved), else runs the fused forward eagerly.
+            fn, graphed = self._forward(hidden_states, args, _without_cache(kwargs))
+            out = graphed[0].forward(hidden_states, graphed[1]) if graphed is not None else None
+            if out is not None:
+                return out
             with torch.no_grad():
                 return fn(hidden_states)
         # training never reads a KV cache; dropping it keeps the recompute identical to the forward
@@ -233,6 +239,16 @@ def _without_cache(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k != "use_cache" and k not in _CACHES}
 
 
+def graph_bank(model):
+    """The CUDA-graph bank install_layer_runners made for this model (None: graphs off or not installed),
+    read from its layer runners."""
+    for layer in decoder_layers(model):
+        runner = layer.__dict__.get("forward")
+        if isinstance(runner, LayerRunner):
+            return runner.bank
+    return None
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The transformer blocks of a (possibly PEFT-wrapped) causal LM."""
     m = model
@@ -257,7 +273,6 @@ def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
         from codetune.model.graphs import GraphBank, single_process
 
         bank = GraphBank(cuda_graphs) if single_process() else None
-    model._codetune_graphs = bank  # (read by the trainer's run report)
     prev = None
     for i, layer in enumerate(layers):
         runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast, bank)

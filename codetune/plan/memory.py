@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from codetune import registry
-from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS, ConfigError
+from codetune.config import ConfigError
+from codetune.model.engine_plan import engine_plan
 
 MiB, GiB = 2**20, 2**30
 
@@ -216,6 +217,15 @@ class Breakdown:
         return int(self.peak_allocated * (1 + ALLOCATOR_OVERHEAD))
 
     @property
+    def val_peak_reserved(self) -> int:
+        """Validation's peak: the same weights, adapters, gradients and optimizer state stay, and its
+        no-grad forward needs less than a training step's recompute + backward (with CUDA graphs it replays
+        the training forward's graph in the same pool; eager, its blocks are a subset of the step's). The
+        allocator keeps what the step reserved, so validation peaks at the training peak
+        (bench/results/headline_*: equal within 2% where measured)."""
+        return self.peak_reserved
+
+    @property
     def on_card(self) -> int:
         return self.peak_reserved + CUDA_CONTEXT
 
@@ -229,7 +239,9 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     mcfg, adapter, data, train = cfgs["model"], cfgs["adapter"], cfgs["data"], cfgs["train"]
     shape = model_shape(mcfg.model)
     precision = "nf4" if mcfg.precision == "auto" else mcfg.precision
-    offload = train.grad_checkpointing and train.offload_activations != "off"
+    # what the engine will run: the same function train/recipe.build_model asks
+    plan = engine_plan(cfgs, cuda=True, processes=1, tied_embeddings=shape.tied)
+    offload = plan.offload_activations
     full = adapter.method == "full"
     n_train = trained_layers(adapter, shape)
     T, h, v = train.batch_size * data.seq_len, shape.hidden, shape.vocab
@@ -239,7 +251,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
                                  for i, o, b in shape.linears().values())
     weights += (shape.layers * shape.layer_other_params() + shape.outside_params()) * WEIGHT_BYTES[precision]
     # model/embeddings.py: a frozen, untied input-embedding table stays in CPU RAM
-    cpu_embeddings = train.cpu_embeddings and not full and not shape.tied
+    cpu_embeddings = plan.cpu_embeddings
     if cpu_embeddings:
         weights -= shape.vocab * h * WEIGHT_BYTES[precision]
     tensors = trainable_tensors(cfgs, shape, precision)
@@ -248,13 +260,12 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     opt = sum(optimizer_bytes(k, b, train.optimizer) for k, b in tensors)
 
     names = list(shape.linears()) if full else resolve_targets(adapter.targets, shape)
-    saved = layer_saved_bytes(shape, T, names, 0 if full else adapter.rank, mcfg.attn, train.batch_size)
+    attn = "packed" if plan.packed_attention else mcfg.attn  # packed attention: no L x L mask or bias
+    saved = layer_saved_bytes(shape, T, names, 0 if full else adapter.rank, attn, train.batch_size)
     bwd = T * (BWD_WIDE_GRADS * 2 * shape.intermediate + BWD_HIDDEN_GRADS * act * h)
     layer_in = T * h * act
-    # the fused layer: LoRA on all seven projections, no dropout, checkpointed (else transformers' layer)
-    fused = (train.fast_layers and train.fast_lora and not full and adapter.method == "lora" and act == 2
-             and set(names) == set(shape.linears()) and not adapter.lora_dropout and not adapter.dora
-             and train.grad_checkpointing)
+    # the fused layer (model/fast_layer.py), checkpointed; under method full it runs only the frozen layers
+    fused = plan.fused_layers and not full and train.grad_checkpointing
     if train.grad_checkpointing:  # frozen prefix layers run without autograd: only the trained ones keep inputs
         kept = min(n_train, OFFLOAD_IN_FLIGHT) * layer_in if offload else n_train * layer_in
         recompute = saved + bwd
@@ -263,7 +274,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
             recompute = fused_layer_bytes(shape, T, train.batch_size) + quadratic
     else:
         kept, recompute = n_train * (saved + layer_in), bwd
-    mask = MASK_BYTES * train.batch_size * data.seq_len ** 2 if mcfg.attn in ("sdpa", "eager") else 0
+    mask = MASK_BYTES * train.batch_size * data.seq_len ** 2 if attn in ("sdpa", "eager") else 0
 
     # loss: the final LayerNorm's saved input and output and the grad_h the fused CE keeps (all in the
     # compute dtype), plus per chunk the fp32 logits and their bf16 gradient.
@@ -279,8 +290,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     # tensors — and the persistent .grad buffers the graphs accumulate into, alive the whole step. The
     # layer passes' working set moves into the graphs' pool rather than adding to the ordinary one.
     # Measured on an H200 (bench/results/train_h200_2026-11-28_s4c): within 5% at 2k-16k.
-    graphed = (train.grad_checkpointing and train.fast_layers and not full
-               and (train.cuda_graphs == "on" or (train.cuda_graphs == "auto" and T <= CUDA_GRAPHS_AUTO_MAX_TOKENS)))
+    graphed = plan.graphed(T)
     graphs = 6 * T * h * act + grads if graphed else 0
 
     parts = {"weights": weights, "lora_params": params, "grads": grads, "optimizer": opt,
@@ -292,7 +302,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
              "optimizer": train.optimizer,
              "activations_kept": (f"{n_train} layer inputs" + (", offloaded to CPU" if offload else ""))
              if train.grad_checkpointing else f"{n_train} layers, no checkpointing",
-             "attn_mask": f"packed-sequence mask ({mcfg.attn})",
+             "attn_mask": f"packed-sequence mask ({mcfg.attn})" if mask else "none (packed attention: document spans)",
              "layer_recompute": "one layer's activations + backward grads",
              "loss_chunk": f"fused CE, {chunk_rows(v)} rows per chunk",
              "workspace": "cuBLAS, dequantized weight, bf16 casts, batch"

@@ -53,9 +53,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, rows, graphed):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        out = graphed(hidden, labels) if (graphed is not None and need_h and not need_w) else None
-        if out is not None:  # the same computation replayed as a CUDA graph (model/graphs.py)
-            loss, grad_h, grad_w = out[0], out[1], None
+        # the training step's computation replayed as a CUDA graph (model/graphs.py); also for a loss with no
+        # gradient (validation), so its logits chunks stay in the graphs' pool (the unused grad_h: one matmul)
+        out = graphed(hidden, labels) if (graphed is not None and not need_w) else None
+        if out is not None:
+            loss, grad_h, grad_w = out[0], (out[1] if need_h else None), None
         else:
             loss, grad_h, grad_w = _loss_and_grads(hidden, weight, labels, rows, need_h, need_w)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))

@@ -35,6 +35,7 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.packed = uses_packed_attention(causal_lm(model))
+        self.graphs = graph_bank(model)  # model/graphs.py's bank, or None
 
     def forward(self, input_ids, position_ids, labels, **spans):
         from codetune.model.adapters import causal_lm
@@ -43,15 +44,31 @@ class CausalLMLoss(torch.nn.Module):
         lm = causal_lm(self.model)
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                           **(spans if self.packed else {})).last_hidden_state
-        return linear_cross_entropy(hidden, lm.lm_head.weight, labels, getattr(self.model, "_codetune_graphs", None))
+        return linear_cross_entropy(hidden, lm.lm_head.weight, labels, self.graphs)
 
 
-def batch_inputs(batch: dict, device: torch.device) -> dict:
+def graph_bank(model):
+    """The model's CUDA-graph bank (model/graphs.py), or None."""
+    from codetune.model.layers import graph_bank as bank_of
+
+    return bank_of(model)
+
+
+def _graphs(run):
+    """The graph bank of the run's loss function (unwrapped from DDP)."""
+    return getattr(getattr(run.loss_fn, "module", run.loss_fn), "graphs", None)
+
+
+def batch_inputs(batch: dict, device: torch.device, graphs=None) -> dict:
     """A CPU batch as the loss function's keyword arguments on `device`: the tensors, plus the documents'
-    spans (model/attention.py), computed here on the CPU so no step waits on the GPU for them."""
+    spans (model/attention.py), computed here on the CPU so no step waits on the GPU for them; in the fixed
+    shapes CUDA graphs need where the model's layers replay as graphs at this size (`graphs`: its bank)."""
     from codetune.model.attention import document_spans, spans_to
+    from codetune.model.graphs import graphs_for
 
-    spans = spans_to(document_spans(batch["position_ids"]), device)
+    tokens = batch["input_ids"].numel()
+    static = graphs is not None and graphs.enabled and graphs_for(graphs.mode, tokens)
+    spans = spans_to(document_spans(batch["position_ids"], static=static), device)
     return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **spans}
 
 
@@ -96,6 +113,8 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine."""
     from codetune.model.adapters import apply_adapters, causal_lm
     from codetune.model.attention import use_packed_attention
+    from codetune.model.engine_plan import engine_plan
+    from codetune.model.graphs import single_process
     from codetune.model.layers import install_layer_runners
     from codetune.model.load import load_model
     from codetune.model.lora_fast import install_fast_lora
@@ -103,16 +122,19 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     mcfg, acfg, tcfg = cfgs["model"], cfgs["adapter"], cfgs["train"]
     model, _ = load_model(mcfg, device, vocab_size=vocab_size, seed=0)
     model = apply_adapters(model, acfg, seed=tcfg.seed)
-    use_packed_attention(causal_lm(model))  # (before the layer runners: the fused layers pick it up)
+    lm = causal_lm(model)
+    plan = engine_plan(cfgs, cuda=device.type == "cuda", processes=1 if single_process() else 2,
+                       weights_offloaded=any(str(d) in ("cpu", "disk")
+                                             for d in (getattr(model, "hf_device_map", None) or {}).values()),
+                       tied_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
+    if plan.packed_attention:
+        use_packed_attention(lm)  # (before the layer runners: the fused layers pick it up)
     model.train()  # transformers only checkpoints in train mode; our layer runners key on it too
-    offload = tcfg.offload_activations == "on" or (tcfg.offload_activations == "auto" and device.type == "cuda")
-    offloaded = any(str(d) in ("cpu", "disk") for d in (getattr(model, "hf_device_map", None) or {}).values())
-    if tcfg.fast_lora and acfg.method == "lora" and not offloaded:
-        # (with weights offloaded to CPU, Accelerate's hooks must move each weight in: PEFT's forward does that)
+    if plan.fused_lora:
         install_fast_lora(model)
-    offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=offload,
-                                      fast=tcfg.fast_layers and not offloaded, cuda_graphs=tcfg.cuda_graphs)
-    if tcfg.cpu_embeddings and not offloaded:
+    offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=plan.offload_activations,
+                                      fast=plan.fused_layers, cuda_graphs=plan.cuda_graphs)
+    if plan.cpu_embeddings:
         from codetune.model.embeddings import offload_input_embeddings
 
         offload_input_embeddings(model)
@@ -227,7 +249,7 @@ def validate(run: Run) -> dict:
         for b in eval_batches(run.val_ds, tcfg.batch_size, tcfg.eval_batches, run.accelerator.process_index,
                               run.accelerator.num_processes):
             with run.accelerator.autocast():
-                total[0] += run.loss_fn(**batch_inputs(b, run.device)).double()
+                total[0] += run.loss_fn(**batch_inputs(b, run.device, _graphs(run))).double()
             total[1] += (b["labels"] != -100).sum()
     total = run.accelerator.reduce(total, reduction="sum") if run.accelerator.num_processes > 1 else total
     run.model.train()
@@ -258,7 +280,7 @@ def _train_step(run: Run, step: int) -> dict:
     for i, b in enumerate(micro):
         ctx = acc.no_sync(run.loss_fn) if (acc.num_processes > 1 and i < len(micro) - 1) else contextlib.nullcontext()
         with ctx, acc.autocast():
-            s = run.loss_fn(**batch_inputs(b, run.device))
+            s = run.loss_fn(**batch_inputs(b, run.device, _graphs(run)))
         acc.backward(s * scale)
         loss_sum += s.detach().float()
     grad_norm = None
@@ -360,7 +382,7 @@ def fit(run: Run) -> dict:
             log.close()
     elapsed = time.perf_counter() - t0
     whole = totals()
-    bank = getattr(run.model, "_codetune_graphs", None)  # model/graphs.py: did the layers run as CUDA graphs?
+    bank = graph_bank(run.model)  # model/graphs.py: did the layers run as CUDA graphs?
     graphs = {"captured": bank.captured, "failure": bank.failure} if bank is not None else None
     val = last["val_loss"] if "val_loss" in last else log.last("val_loss", final)
     return {"steps": final, "tokens": whole["tokens"], "seconds": round(whole["seconds"], 1),

@@ -26,14 +26,14 @@ def _model(precision, train_layers="all"):
 
 def _train(m, graphs, schedule):
     """schedule: per optimizer step, the list of (ids, position_ids) micro-batches it accumulates."""
-    from codetune.model.layers import install_layer_runners, uninstall_layer_runners
+    from codetune.model.layers import graph_bank, install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import adapters_changed, install_fast_lora, uninstall_fast_lora
     from codetune.train.loss import linear_cross_entropy
 
     start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     install_fast_lora(m)
     install_layer_runners(m, checkpoint=True, offload=True, fast=True, cuda_graphs=graphs)
-    bank = m._codetune_graphs
+    bank = graph_bank(m)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
     opt.register_step_post_hook(adapters_changed)

@@ -62,7 +62,7 @@ def _packed(docs):
 
 @pytest.mark.parametrize("graphs", ["off", "on"])
 def test_fused_layer_on_packed_batch_equals_documents_alone(graphs):
-    from codetune.model.layers import install_layer_runners, uninstall_layer_runners
+    from codetune.model.layers import graph_bank, install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
     from codetune.train.loss import linear_cross_entropy
     from codetune.train.recipe import CausalLMLoss, batch_inputs
@@ -91,7 +91,7 @@ def test_fused_layer_on_packed_batch_equals_documents_alone(graphs):
         loss = loss_fn(**batch_inputs(batch, torch.device("cuda")))
         loss.backward()
     got = {n: p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad}
-    bank = m._codetune_graphs
+    bank = graph_bank(m)
     if graphs == "on":
         assert bank is not None and bank.captured and bank.failure is None
     uninstall_layer_runners(m)

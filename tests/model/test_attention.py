@@ -22,17 +22,18 @@ from codetune.train.loss import linear_cross_entropy
 from codetune.train.recipe import CausalLMLoss, batch_inputs
 
 
-def test_spans_mark_position_restarts_and_row_starts_in_fixed_slots():
+def test_spans_mark_position_restarts_and_row_starts():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [5, 6, 0, 1, 2, 3]])  # row 2 continues a document: starts at 5
-    spans = document_spans(pos)
-    cu = spans["cu_seq_lens_q"]
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 6, 8, 12, 12, 12, 12]  # 5 documents, 8 slots
-    assert spans["max_length_q"] == spans["max_length_k"] == 6
-    one = document_spans(torch.arange(6)[None].repeat(2, 1))["cu_seq_lens_q"]  # one document a row
-    assert one.tolist() == [0, 6] + [12] * 7  # the same shape as any other batch of the run
-    assert len(document_spans(torch.arange(4096)[None])["cu_seq_lens_q"]) == 17  # a slot per 256 tokens
+    exact = document_spans(pos)  # eager layers: one slot a document, the longest as max_length
+    assert exact["cu_seq_lens_q"].dtype == torch.int32 and exact["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 8, 12]
+    assert exact["max_length_q"] == exact["max_length_k"] == 4
+    static = document_spans(pos, static=True)  # CUDA graphs: power-of-two slots padded with the total, row length
+    assert static["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 8, 12, 12, 12, 12] and static["max_length_q"] == 6
+    one = document_spans(torch.arange(6)[None].repeat(2, 1), static=True)["cu_seq_lens_q"]
+    assert one.tolist() == [0, 6] + [12] * 7  # one document a row: the same shape as a batch of 8
     many = torch.arange(40)[None] % 4  # ten documents -> 16 slots
-    assert len(document_spans(many)["cu_seq_lens_q"]) == 17
+    assert len(document_spans(many, static=True)["cu_seq_lens_q"]) == 17
+    assert document_spans(many)["cu_seq_lens_q"].tolist() == list(range(0, 41, 4))
 
 
 def test_per_document_attention_equals_a_block_causal_mask():

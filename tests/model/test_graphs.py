@@ -27,14 +27,14 @@ def test_unkeyable_argument_means_no_graph():
 def test_no_graphs_on_cpu():
     from codetune.config import AdapterConfig, ModelConfig
     from codetune.model.adapters import apply_adapters
-    from codetune.model.layers import install_layer_runners, uninstall_layer_runners
+    from codetune.model.layers import graph_bank, install_layer_runners, uninstall_layer_runners
     from codetune.model.load import load_model
 
     base, _ = load_model(ModelConfig(model="tiny-stablelm", random_init=True, precision="fp32"),
                          torch.device("cpu"), vocab_size=512)
     m = apply_adapters(base, AdapterConfig()).train()
     install_layer_runners(m, checkpoint=True, cuda_graphs="on")
-    assert m._codetune_graphs is None
+    assert graph_bank(m) is None
     uninstall_layer_runners(m)
 
 

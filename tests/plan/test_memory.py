@@ -77,18 +77,21 @@ def test_lora_param_terms_are_exact_bytes():
 
 
 def test_16k_nf4_with_offload_fits_6gib_without_a_dense_mask():
-    # flash_attention_2 (varlen) has no seq x seq mask; this is the 6 GiB configuration
-    b = estimate(cfgs(seq=16384, precision="nf4", offload_activations="on", attn="flash_attention_2"))
-    assert b.peak_reserved <= 6 * GiB
-    # sdpa with packed documents adds a dense mask and bias (0.75 GiB at 16k): still a 10 GiB card
-    sdpa = estimate(cfgs(seq=16384, precision="nf4", offload_activations="on"))
-    assert sdpa.fits(10 * GiB) and sdpa.peak_allocated > b.peak_allocated + 0.7 * GiB
+    # sdpa trains through packed attention (model/attention.py): no seq x seq mask, like flash_attention_2
+    b = estimate(cfgs(seq=16384, precision="nf4", offload_activations="on"))
+    assert b.peak_reserved <= 6 * GiB and b.parts["attn_mask"] == 0
+    fa2 = estimate(cfgs(seq=16384, precision="nf4", offload_activations="on", attn="flash_attention_2"))
+    assert b.peak_allocated == fa2.peak_allocated
+    # eager attention materialises the mask and the scores: the planner counts them
+    eager = estimate(cfgs(seq=16384, precision="nf4", offload_activations="on", attn="eager"))
+    assert eager.parts["attn_mask"] > 0 and eager.peak_allocated > b.peak_allocated + 0.7 * GiB
 
 
 def test_bf16_full_finetune_at_16k_does_not_fit_10gib():
     b = estimate(cfgs(seq=16384, precision="bf16", method="full"))
     assert not b.fits(10 * GiB)
-    assert b.parts["weights"] > 5 * GiB and b.parts["grads"] > 4.5 * GiB
+    # (the frozen input embeddings stay in CPU RAM: model/engine_plan.py, as the engine does under method full)
+    assert b.parts["weights"] > 4.9 * GiB and b.parts["grads"] > 4.5 * GiB
 
 
 def test_memory_moves_the_right_way():

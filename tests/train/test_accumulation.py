@@ -8,6 +8,7 @@ import torch
 from codetune.config import build
 from codetune.model.adapters import apply_adapters
 from codetune.model.load import load_model
+from codetune.train.memory import PeakMeter
 from codetune.train.recipe import CausalLMLoss, train_step
 
 
@@ -46,7 +47,7 @@ def _run(model, batches, grad_accum, batch_size):
     opt = RecordingOptimizer(p for p in model.parameters() if p.requires_grad)
     sched = SimpleNamespace(step=lambda: None, get_last_lr=lambda: [0.0])
     stream = SimpleNamespace(batch=lambda k: batches[k])
-    run = SimpleNamespace(cfgs=cfgs, accelerator=Acc(), device=torch.device("cpu"), loss_fn=CausalLMLoss(model),
+    run = SimpleNamespace(cfgs=cfgs, peaks=PeakMeter(torch.device("cpu")), accelerator=Acc(), device=torch.device("cpu"), loss_fn=CausalLMLoss(model),
                           optimizer=opt, scheduler=sched, train_stream=stream)
     rec = train_step(run, 0)
     return rec, opt.grads

@@ -45,7 +45,7 @@ def _stderr_line(capsys, needle):
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if needle in ln]
     assert lines, err[-2000:]
-    return lines[0]
+    return lines[-1]  # (the error is the last line: a run says other things first)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,10 @@ def test_earlier_outputs_are_never_overwritten(tiny_data, run_copy, tmp_path, ca
     shutil.rmtree(run_copy / "checkpoints")
     before = _tree(run_copy)
     assert _train(tiny_data, run_copy, "--steps", "2") == 2
-    line = _stderr_line(capsys, "configuration error")
+    line = _stderr_line(capsys, "codetune train: ")
     assert "--resume" in line and "--out-dir" in line and "\n" not in line
     assert _train(tiny_data, run_copy, "--steps", "2", "--resume") == 2
-    assert "no complete checkpoint" in _stderr_line(capsys, "configuration error")
+    assert "no complete checkpoint" in _stderr_line(capsys, "codetune train: ")
     assert _tree(run_copy) == before
 
     mine = tmp_path / "mine"  # a user's folder, resume or not
@@ -79,12 +79,12 @@ def test_earlier_outputs_are_never_overwritten(tiny_data, run_copy, tmp_path, ca
     (mine / "notes.txt").write_text("keep me")
     for extra in ([], ["--resume"]):
         assert _train(tiny_data, mine, "--steps", "2", *extra) == 2
-        assert "not made by `codetune train`" in _stderr_line(capsys, "configuration error")
+        assert "not made by `codetune train`" in _stderr_line(capsys, "codetune train: ")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
     for bad, says in ((mine / "notes.txt", "is a file"), (mine / "notes.txt" / "run", "which is a file")):
         assert _train(tiny_data, bad, "--steps", "2") == 2
-        assert says in _stderr_line(capsys, "configuration error")
+        assert says in _stderr_line(capsys, "codetune train: ")
 
 
 def test_config_yaml_is_the_resolved_configuration(finished):
@@ -103,7 +103,7 @@ def test_dry_run_builds_everything_and_writes_nothing(tiny_data, run_copy, tmp_p
     assert not out.exists()
     before = _tree(run_copy)  # a dry run of a resume checks it the way the real one would
     assert _train(tiny_data, run_copy, "--steps", "6", "--resume", "--dry-run", "--batch-size", "4") == 2
-    assert "--batch-size 2" in _stderr_line(capsys, "configuration error")
+    assert "--batch-size 2" in _stderr_line(capsys, "codetune train: ")
     assert _tree(run_copy) == before
 
 
@@ -112,12 +112,12 @@ def test_resume_refuses_changes_to_the_run_so_far(tiny_data, run_copy, capsys):
     for extra, says in ((["--rank", "8"], "--rank 16"), (["--seed", "1"], "--seed 0"),
                         (["--steps", "3"], "--steps 4 or more")):
         assert _train(tiny_data, run_copy, "--resume", "--steps", "4", *extra) == 2
-        assert says in _stderr_line(capsys, "configuration error")
+        assert says in _stderr_line(capsys, "codetune train: ")
     assert _tree(run_copy) == before
     ckpt = run_copy / "checkpoints" / "step-000004" / "run.json"  # as if --data-dir had been re-prepared
     ckpt.write_text(json.dumps({**json.loads(ckpt.read_text()), DATA_KEY: "another set"}))
     assert _train(tiny_data, run_copy, "--resume", "--steps", "4") == 2
-    assert "prepared data" in _stderr_line(capsys, "configuration error")
+    assert "prepared data" in _stderr_line(capsys, "codetune train: ")
 
 
 def test_resume_applies_lr_and_stretches_the_schedule(tiny_data, run_copy, capsys):
@@ -167,7 +167,7 @@ def test_damaged_checkpoints_and_leftovers(tiny_data, run_copy, capsys):
     for c in ckpts.iterdir():  # nothing usable left: refused, not restarted over them
         (c / "state.pt").write_bytes(b"\x80\x02truncated")
     assert _train(tiny_data, run_copy, "--resume", "--steps", "4") == 2
-    assert "no usable checkpoint" in _stderr_line(capsys, "configuration error")
+    assert "no usable checkpoint" in _stderr_line(capsys, "codetune train: ")
 
 
 def _wrap_train_step(monkeypatch, after):
@@ -236,8 +236,7 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tiny_data, tmp_path):
     done = max(r["step"] for r in read_metrics(out / "metrics.jsonl"))
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{done:06d}"]
     command = err.strip().splitlines()[-1].strip()
-    given = ["0.003" if a == "3e-3" else a for a in args]  # (flags come back as argparse read them)
-    assert command == "python -m codetune train " + " ".join(given) + " --resume"
+    assert command == "python -m codetune train " + " ".join(args) + " --resume"  # (flags as the user wrote them)
     # the printed command continues the run (here only two more steps)
     assert main(command.split()[3:] + ["--steps", str(done + 2)]) == 0
     assert [r["step"] for r in _rows(out, "loss")] == list(range(1, done + 3))
