@@ -116,7 +116,7 @@ def run_one(name: str, overrides: dict, seq: int, a, data: Path, repo: Path) -> 
              "train.grad_accum": 1, "train.eval_every": a.eval_every,
              "train.save_every": a.eval_every if a.save_every is None else a.save_every,
              **({"train.eval_batches": a.eval_batches} if a.eval_batches else {}), **overrides}
-    cmd = [sys.executable, "-m", "codetune", "train", "--config", PRESET, "--random-init", "--tokenizer", a.tokenizer,
+    cmd = [sys.executable, "-m", "codetune", "train", "--config", PRESET, "--random-init",
            "--data-dir", str(data), "--out-dir", str(out_dir), "--no-progress", *argv_of(flags)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
