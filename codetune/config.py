@@ -96,6 +96,8 @@ class AdapterConfig:
     rslora: bool = opt(False, "rank-stabilised LoRA scaling")
     dora: bool = opt(False, "weight-decomposed LoRA (DoRA); slower, not with nf4 fast paths")
     train_layers: str = opt("all", "which transformer layers train: all, or last:N (frozen prefix runs without autograd)")
+    train_embeddings: bool = opt(False, "with method=full, also train the token embeddings, final norm and output layer "
+                                 "(a model trained from scratch, e.g. the demo's random-init one)")
 
     def validate(self) -> None:
         if self.rank <= 0:
@@ -104,6 +106,9 @@ class AdapterConfig:
             raise ConfigError(f"alpha={self.alpha}: must be positive (commonly 2 x rank)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.train_embeddings and self.method != "full":
+            raise ConfigError("train_embeddings needs method=full (LoRA keeps the embeddings frozen); add "
+                              "--method full or drop --train-embeddings")
         self.last_n_layers()
 
     def last_n_layers(self) -> int | None:
