@@ -318,6 +318,7 @@ def main(cfgs: dict) -> dict:
 
 def run(cfgs: dict, ns) -> int:
     note = configure_allocator()  # before anything touches CUDA
-    print(f"codetune train: {note}", file=sys.stderr)
+    if note:
+        print(f"codetune train: {note}", file=sys.stderr)
     main(cfgs)
     return 0
