@@ -56,6 +56,7 @@ def test_compare_end_to_end(adapter_dir, data_dir, tmp_path):
         assert (out / label / "fim.jsonl").exists()
     text = (out / "report.md").read_text()
     assert "| metric | n | base [95% CI] | tuned [95% CI] | change [95% CI] | verdict |" in text
+    assert "not tested" not in text  # every row paired through the per-model files
     assert (out / "metrics.png").exists() and (out / "loss_curves.png").exists()
 
 
