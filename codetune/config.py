@@ -87,9 +87,14 @@ class AdapterConfig(Section):
     dora: bool = opt(False, "weight-decomposed LoRA (DoRA); slower, not with nf4 fast paths", used_by=TRAIN_PLAN)
     train_layers: str = opt("all", "which transformer layers train: all, or last:N (frozen prefix runs without autograd)",
                             used_by=TRAIN_PLAN)
+    train_embeddings: bool = opt(False, "with method=full, also train the token embeddings, final norm and output layer "
+                                 "(a model trained from scratch, e.g. the demo's random-init one)", used_by=TRAIN_PLAN)
 
     def cross_checks(self) -> None:
         self.last_n_layers()
+        if self.train_embeddings and self.method != "full":
+            raise ConfigError("train_embeddings needs method=full (LoRA keeps the embeddings frozen); add "
+                              "--method full or drop --train-embeddings")
 
     def last_n_layers(self) -> int | None:
         """None for all layers, else N from 'last:N'."""

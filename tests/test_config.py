@@ -133,6 +133,12 @@ def test_dump_yaml_reads_back_to_the_same_settings():
     assert "sources" in yaml.safe_load(dump_yaml(cfgs))["data"]  # without a command: every field
 
 
+def test_train_embeddings_needs_full_weights():
+    assert build(["adapter"], {"adapter": {"method": "full", "train_embeddings": True}})["adapter"].train_embeddings
+    with pytest.raises(ConfigError, match="train_embeddings needs method=full"):
+        build(["adapter"], {"adapter": {"train_embeddings": True}})
+
+
 def test_seq_len_above_model_maximum():
     with pytest.raises(ConfigError, match="seq_len=20000 exceeds stable-code-3b's maximum context of 16384"):
         build(["model", "data"], {"model": {"model": "stable-code-3b"}, "data": {"seq_len": 20000}})

@@ -26,7 +26,8 @@ def check_tokenizer(data_dir, tok) -> None:
 
 @torch.no_grad()
 def evaluate(model, data_dir, batch_size: int = 4, max_batches: int | None = None) -> dict:
-    """Mean token cross-entropy (nats) over the val split, its perplexity, and the token count."""
+    """Mean token cross-entropy (nats) over the val split, its perplexity, the token count, and each
+    sequence's summed nats and target count (the report's bootstrap resamples sequences)."""
     ds = PackedDataset(data_dir, "val")
     lm = causal_lm(model)
     device = next(lm.parameters()).device
@@ -34,6 +35,7 @@ def evaluate(model, data_dir, batch_size: int = 4, max_batches: int | None = Non
     lm.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     total, count, batches, seqs = 0.0, 0, 0, 0
+    per_seq: dict[str, list] = {"nats": [], "tokens": []}
     try:
         for batch in loader:
             if max_batches is not None and batches >= max_batches:
@@ -41,8 +43,11 @@ def evaluate(model, data_dir, batch_size: int = 4, max_batches: int | None = Non
             hidden = lm.model(input_ids=batch["input_ids"].to(device),
                               position_ids=batch["position_ids"].to(device)).last_hidden_state
             labels = batch["labels"].to(device)
-            total += float(linear_cross_entropy(hidden, lm.lm_head.weight, labels))
-            count += int((labels != IGNORE).sum())
+            for h, y in zip(hidden, labels):
+                per_seq["nats"].append(float(linear_cross_entropy(h, lm.lm_head.weight, y)))
+                per_seq["tokens"].append(int((y != IGNORE).sum()))
+            total += sum(per_seq["nats"][-len(labels):])
+            count += sum(per_seq["tokens"][-len(labels):])
             batches += 1
             seqs += len(labels)
             del hidden
@@ -51,4 +56,5 @@ def evaluate(model, data_dir, batch_size: int = 4, max_batches: int | None = Non
     if count == 0:
         raise ValueError(f"the val split in {data_dir} has no target tokens; prepare with a larger val_fraction")
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "sequences": seqs}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "sequences": seqs,
+            "per_sequence": per_seq}

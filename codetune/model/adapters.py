@@ -47,6 +47,11 @@ def apply_adapters(model, cfg: AdapterConfig, seed: int = 0):
         for i in layer_ids:
             for p in layers[i].parameters():
                 p.requires_grad_(True)
+        if cfg.train_embeddings:  # what sits outside the blocks: embeddings, final norm, output layer
+            in_blocks = {id(p) for layer in layers for p in layer.parameters()}
+            for p in model.parameters():
+                if id(p) not in in_blocks:
+                    p.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 

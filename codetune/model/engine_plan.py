@@ -63,10 +63,13 @@ def engine_plan(cfgs: dict, *, cuda: bool = True, processes: int = 1, weights_of
         if reason:
             why["cuda_graphs"], graphs = reason, "off"
 
-    cpu_emb = train.cpu_embeddings and cuda and processes == 1 and not weights_offloaded and not tied_embeddings
+    trained_emb = adapter.method == "full" and getattr(adapter, "train_embeddings", False)
+    cpu_emb = (train.cpu_embeddings and cuda and processes == 1 and not weights_offloaded and not tied_embeddings
+               and not trained_emb)
     if train.cpu_embeddings and not cpu_emb:
         why["cpu_embeddings"] = ("not on a CUDA GPU" if not cuda else f"{processes} processes" if processes > 1
-                                 else "weights offloaded to CPU" if weights_offloaded else "tied to the output head")
+                                 else "weights offloaded to CPU" if weights_offloaded else "tied to the output head"
+                                 if tied_embeddings else "the embeddings train (--train-embeddings)")
 
     offload = train.grad_checkpointing and (train.offload_activations == "on"
                                             or (train.offload_activations == "auto" and cuda))

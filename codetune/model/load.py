@@ -7,6 +7,7 @@ cache as a normal checkpoint, and loaded back — so tests and benchmarks exerci
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -17,6 +18,21 @@ import torch
 from codetune import registry
 from codetune.config import ConfigError, ModelConfig, parse_size
 from codetune.model.tokenizer import cache_root
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' per-file "Loading weights" / "Writing model shards" bars off for the block, through
+    its own switch (transformers.utils.logging), and back to the caller's setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -63,7 +79,8 @@ def random_init_checkpoint(name: str, vocab_size: int | None = None, seed: int =
     with torch.device(device):  # built in its final dtype: an fp32 copy of the 3B shape is 11 GB, over a 10 GB cap
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
+    with quiet_transformers():
+        model.save_pretrained(tmp)
     del model
     gc.collect()
     if device.type == "cuda":
@@ -118,7 +135,8 @@ def load_model(cfg: ModelConfig, device: torch.device, vocab_size: int | None = 
     if q is not None:
         kw["quantization_config"] = q
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kw)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(src.path, **kw)
     except OSError as e:
         # transformers' message spans lines (and for a hub id that does not exist, names the repo lookup)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -142,7 +142,8 @@ def trainable_tensors(cfgs: dict, shape: Shape, precision: str) -> list[tuple[in
             raise ConfigError("method=full cannot train quantized weights; use --precision bf16 or --method lora")
         per = [i * o for i, o, _ in shape.linears().values()] + [o for _, o, b in shape.linears().values() if b]
         per += [shape.hidden] * 4  # the two LayerNorms' weight and bias
-        return [(k, WEIGHT_BYTES[precision]) for k in per] * n
+        outside = [(shape.outside_params(), WEIGHT_BYTES[precision])] if adapter.train_embeddings else []
+        return [(k, WEIGHT_BYTES[precision]) for k in per] * n + outside
     r = adapter.rank
     per = []
     for name in resolve_targets(adapter.targets, shape):

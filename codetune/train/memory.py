@@ -13,14 +13,19 @@ from codetune.config import parse_size
 DEFAULT_ALLOC_CONF = "expandable_segments:True"
 
 
-def configure_allocator() -> str:
+def configure_allocator() -> str | None:
     """Must run before CUDA initialises. expandable_segments reserved ~10% less than the often-quoted
     max_split_size_mb:128 in our measurements (fewer, growable segments -> less fragmentation). A user's
-    own PYTORCH_CUDA_ALLOC_CONF is respected."""
+    own PYTORCH_CUDA_ALLOC_CONF is respected. Returns the line worth printing — None without a CUDA
+    device, where the setting does nothing and a line about CUDA is only noise."""
     current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if not current:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = DEFAULT_ALLOC_CONF
+    # asked only after the variable is set: the allocator reads it at the first CUDA allocation
+    if not torch.cuda.is_available():
+        return None
     if current:
         return f"PYTORCH_CUDA_ALLOC_CONF={current} (yours, kept)"
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = DEFAULT_ALLOC_CONF
     return f"PYTORCH_CUDA_ALLOC_CONF={DEFAULT_ALLOC_CONF} (codetune default)"
 
 

@@ -438,7 +438,8 @@ def run(cfgs: dict, ns) -> int:
     from codetune.train.state import Diverged
 
     note = configure_allocator()  # before anything touches CUDA
-    print(f"codetune train: {note}", file=sys.stderr)
+    if note:
+        print(f"codetune train: {note}", file=sys.stderr)
     try:
         main(cfgs)
     except Diverged as e:

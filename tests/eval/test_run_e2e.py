@@ -55,7 +55,8 @@ def test_compare_end_to_end(adapter_dir, data_dir, tmp_path):
         assert all(r["n"] == 2 and len(r["samples"]) == 2 for r in rows)
         assert (out / label / "fim.jsonl").exists()
     text = (out / "report.md").read_text()
-    assert "| metric | base | tuned | change | verdict |" in text
+    assert "| metric | n | base [95% CI] | tuned [95% CI] | change [95% CI] | verdict |" in text
+    assert "not tested" not in text  # every row paired through the per-model files
     assert (out / "metrics.png").exists() and (out / "loss_curves.png").exists()
 
 

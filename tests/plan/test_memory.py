@@ -41,6 +41,7 @@ def test_total_params_match_the_model(name):
     ("tiny-stablelm", dict(targets="attention", rank=8, train_layers="last:1")),
     ("tiny-stablelm", dict(targets="q_proj,v_proj,down_proj", rank=4, dora=True)),
     ("tiny-stablelm", dict(method="full", train_layers="last:1")),
+    ("tiny-stablelm", dict(method="full", train_embeddings=True)),
     ("stable-code-3b", dict(targets="all-linear", rank=16, train_layers="last:8")),
 ])
 def test_trainable_params_match_peft(name, adapter):

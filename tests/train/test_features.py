@@ -89,7 +89,19 @@ def test_tokenizer_larger_than_embedding_is_refused():
 def test_alloc_conf_respects_users_value(monkeypatch):
     from codetune.train.memory import configure_allocator
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64")
     assert "yours, kept" in configure_allocator()
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     assert "expandable_segments:True" in configure_allocator()
+
+
+def test_cpu_train_prints_no_cuda_allocator_line(monkeypatch, capsys):
+    from codetune.train import recipe
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(recipe, "main", lambda cfgs: {})  # the note is printed before any training
+    assert recipe.run({}, None) == 0
+    err = capsys.readouterr().err
+    assert "CUDA" not in err and "ALLOC_CONF" not in err
