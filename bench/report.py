@@ -84,6 +84,43 @@ def table(results: list[dict]) -> list[str]:
     return out
 
 
+def real_table(results: list[dict]) -> list[str]:
+    """The real path (bench/real_train.py: `codetune train` on prepared real code) beside the synthetic step
+    and Unsloth of the same call, and the planner's prediction of each run."""
+    real = [r for r in results if r.get("path", "").startswith("codetune train")]
+    if not real:
+        return []
+    synth = {r["seq"]: r for r in results if r.get("engine") == "codetune" and r.get("quant") == "nf4"
+             and not r.get("last_layers") and "tokens_per_s" in r}
+    unsloth = {r["seq"]: r for r in results if r.get("peer") == "unsloth" and r.get("quant", "nf4") == "nf4"}
+    out = ["## The real path: `codetune train` on prepared real code (10 GB preset)", "",
+           "Median tokens/s of the steady-state steps (from step 6; validation not in a step's time), the whole "
+           "run's tokens/s with validation and checkpoints, and the peak reserved memory of the training steps "
+           "and of validation, against the synthetic step (one random sequence) and Unsloth's synthetic step in "
+           "the same call, and against `codetune plan`.", "",
+           "| config | length | real tok/s | wall tok/s | vs synthetic | vs Unsloth | train GiB | val GiB "
+           "| vs synthetic GiB | planned GiB | planner error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(real, key=lambda r: (r.get("repo", ""), r["config"], r["seq"])):
+        name = r["config"] + (" (previous commit)" if not r.get("repo", "").endswith("main") else "")
+        if "error" in r:
+            out.append(f"| {name} | {r['seq'] // 1024}k | failed: {r['error'][:80]} |" + " |" * 8)
+            continue
+        syn, uns = synth.get(r["seq"]), unsloth.get(r["seq"])
+        train = r.get("train_peak_reserved_gib", r.get("peak_reserved_gib"))
+        val = r.get("val_peak_reserved_gib")
+        plan = r.get("planned_reserved_gib")
+        peak = max(x for x in (train, val) if x is not None)
+        cells = [name, f"{r['seq'] // 1024}k", f"{r['median_tok_per_s']:,.0f}", f"{r['wall_tok_per_s']:,.0f}",
+                 f"{r['median_tok_per_s'] / syn['tokens_per_s']:.2f}×" if syn else "–",
+                 f"{r['median_tok_per_s'] / uns['tokens_per_s']:.2f}×" if uns else "–",
+                 f"{train:.2f}", "–" if val is None else f"{val:.2f}",
+                 f"{peak / syn['peak_reserved_gib']:.2f}×" if syn else "–",
+                 "–" if plan is None else f"{plan:.2f}",
+                 "–" if plan is None else f"{(plan - peak) / peak:+.1%}"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def main() -> None:
     results_dir, stem = Path(sys.argv[1]), Path(sys.argv[2])
     env, results = load(results_dir)
@@ -95,7 +132,9 @@ def main() -> None:
              f"bitsandbytes {env['bitsandbytes']}, accelerate {env['accelerate']}, Python {env['python']}. "
              "Random-init stable-code-3b shape, LoRA r=16 on all linear layers (unless noted), batch 1, "
              "5 warm-up + 10 timed steps, median. Ratios are against peers run in the same device call.", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines + table(results)) + "\n")
+    if env.get("commit") or env.get("suite"):
+        lines += [f"Suite `bench/suites/{env.get('suite')}.txt`, commit {env.get('commit')}, run {env.get('date', date)}.", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines + real_table(results) + table(results)) + "\n")
 
 
 if __name__ == "__main__":

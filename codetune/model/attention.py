@@ -51,7 +51,9 @@ def document_spans(position_ids: torch.Tensor, static: bool = False) -> dict:
     blocks past a document's end exit at once, so:
 
     * static=False (eager layers): exactly one slot per document and `max_length` the longest one: no
-      wasted blocks;
+      wasted blocks; {} when every row is one document, which then takes plain causal SDPA (on an H200 a
+      single 16k document ran slower through the variable-length kernel than through SDPA's dense causal
+      flash path: bench/results/train_h200_2026-12-01_real-path.md);
     * static=True (the layers replay as CUDA graphs, which need fixed shapes and values): the slots padded
       with the total (zero-length documents) up to a power of two (at least 8) and `max_length` the row
       length, so a run sees a few shapes (a capture each) rather than one per document count."""
@@ -67,6 +69,8 @@ def document_spans(position_ids: torch.Tensor, static: bool = False) -> dict:
         cu = torch.full((slots + 1,), b * s, dtype=torch.int32)
         cu[: len(begin)] = begin
         longest = s
+    elif len(begin) == b:
+        return {}
     else:
         cu = torch.cat([begin, torch.tensor([b * s], dtype=torch.int32)])
         longest = int((cu[1:] - cu[:-1]).max())

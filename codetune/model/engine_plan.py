@@ -63,7 +63,7 @@ def engine_plan(cfgs: dict, *, cuda: bool = True, processes: int = 1, weights_of
         if reason:
             why["cuda_graphs"], graphs = reason, "off"
 
-    trained_emb = adapter.method == "full" and getattr(adapter, "train_embeddings", False)
+    trained_emb = adapter.method == "full" and adapter.train_embeddings
     cpu_emb = (train.cpu_embeddings and cuda and processes == 1 and not weights_offloaded and not tied_embeddings
                and not trained_emb)
     if train.cpu_embeddings and not cpu_emb:

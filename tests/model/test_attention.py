@@ -34,6 +34,7 @@ def test_spans_mark_position_restarts_and_row_starts():
     many = torch.arange(40)[None] % 4  # ten documents -> 16 slots
     assert len(document_spans(many, static=True)["cu_seq_lens_q"]) == 17
     assert document_spans(many)["cu_seq_lens_q"].tolist() == list(range(0, 41, 4))
+    assert document_spans(torch.arange(6)[None].repeat(2, 1)) == {}  # eager, one document a row: plain causal
 
 
 def test_per_document_attention_equals_a_block_causal_mask():
