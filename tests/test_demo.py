@@ -11,7 +11,9 @@ from codetune.train.metrics import read_metrics
 def test_demo_learns_and_says_so(tmp_path, capsys):
     out = tmp_path / "demo"
     t0 = time.time()
-    assert main(["demo", "--out", str(out), "--steps", "250", "--json"]) == 0
+    # the demo as a user runs it (its default steps): since the validation split holds out whole stdlib
+    # packages (data/split.py), 250 steps reached only 0.36 nats below the unigram baseline; 500 reach ~0.7
+    assert main(["demo", "--out", str(out), "--json"]) == 0
     seconds = time.time() - t0
     captured = capsys.readouterr()
     res = json.loads(captured.out)  # --json: stdout is one JSON document, the narration is on stderr

@@ -164,9 +164,11 @@ def check_base(adapter_dir: Path, info: dict, model_cfg, described_as: str) -> N
 
     from codetune.model.load import model_source
 
-    src = model_source(model_cfg, info.get("vocab_size"), info.get("init_seed", 0))
+    source = model_source(model_cfg, info.get("vocab_size"), info.get("init_seed", 0))
+    src = source.path
     try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(src, trust_remote_code=model_cfg.trust_remote_code,
+                                            local_files_only=source.cache_only)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the base model's config.json from {src!r} ({str(e).splitlines()[0]}); "
                           "give --model a local model folder, or a hub id while online") from None

@@ -63,8 +63,10 @@ def claim(out: Path) -> None:
 
 
 def config_text(cfgs: dict) -> str:
-    # (the one writer of a resolved configuration; codetune.config.dump_yaml will replace it)
-    return yaml.safe_dump(to_dict(cfgs), sort_keys=False)
+    """The run's resolved configuration, as `--config` reads it back (config.dump_yaml: the one writer)."""
+    from codetune.config import dump_yaml
+
+    return dump_yaml(cfgs)
 
 
 def write_config(out: Path, cfgs: dict) -> Path:

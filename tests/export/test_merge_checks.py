@@ -43,7 +43,7 @@ def cli_error(capsys, *args) -> str:
 
 def base_dir(lora_adapter) -> Path:
     info = read_run_info(lora_adapter)
-    return Path(model_source(ModelConfig(**info["model"]), info["vocab_size"], info["init_seed"]))
+    return Path(model_source(ModelConfig(**info["model"]), info["vocab_size"], info["init_seed"]).path)
 
 
 def config_only_base(lora_adapter, where: Path, **changes) -> Path:
