@@ -14,10 +14,8 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
 from codetune.atomic import write_text
-from codetune.config import ConfigError, flag_name, to_dict
+from codetune.config import ConfigError, flag_name
 from codetune.train.state import scan_checkpoints
 
 MARKER = ".codetune-run"
