@@ -20,56 +20,9 @@ from pathlib import Path
 import torch
 
 from codetune.config import ConfigError, to_dict
+from codetune.model.layers import graph_bank
+from codetune.train.inputs import CausalLMLoss, batch_inputs, run_graphs
 from codetune.train.memory import PeakMeter, cap_vram, configure_allocator, explain_oom, snapshot
-
-
-class CausalLMLoss(torch.nn.Module):
-    """model -> summed token loss, computed from hidden states by the fused chunked cross-entropy so the
-    full logits never exist. A Module (not a function) so DDP sees the forward. Where the model runs
-    model/attention.py's packed attention, the batch's document spans go on to every layer."""
-
-    def __init__(self, model):
-        from codetune.model.adapters import causal_lm
-        from codetune.model.attention import uses_packed_attention
-
-        super().__init__()
-        self.model = model
-        self.packed = uses_packed_attention(causal_lm(model))
-        self.graphs = graph_bank(model)  # model/graphs.py's bank, or None
-
-    def forward(self, input_ids, position_ids, labels, **spans):
-        from codetune.model.adapters import causal_lm
-        from codetune.train.loss import linear_cross_entropy
-
-        lm = causal_lm(self.model)
-        hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                          **(spans if self.packed else {})).last_hidden_state
-        return linear_cross_entropy(hidden, lm.lm_head.weight, labels, self.graphs)
-
-
-def graph_bank(model):
-    """The model's CUDA-graph bank (model/graphs.py), or None."""
-    from codetune.model.layers import graph_bank as bank_of
-
-    return bank_of(model)
-
-
-def _graphs(run):
-    """The graph bank of the run's loss function (unwrapped from DDP)."""
-    return getattr(getattr(run.loss_fn, "module", run.loss_fn), "graphs", None)
-
-
-def batch_inputs(batch: dict, device: torch.device, graphs=None) -> dict:
-    """A CPU batch as the loss function's keyword arguments on `device`: the tensors, plus the documents'
-    spans (model/attention.py), computed here on the CPU so no step waits on the GPU for them; in the fixed
-    shapes CUDA graphs need where the model's layers replay as graphs at this size (`graphs`: its bank)."""
-    from codetune.model.attention import document_spans, spans_to
-    from codetune.model.graphs import graphs_for
-
-    tokens = batch["input_ids"].numel()
-    static = graphs is not None and graphs.enabled and graphs_for(graphs.mode, tokens)
-    spans = spans_to(document_spans(batch["position_ids"], static=static), device)
-    return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **spans}
 
 
 @dataclasses.dataclass
@@ -249,7 +202,7 @@ def validate(run: Run) -> dict:
         for b in eval_batches(run.val_ds, tcfg.batch_size, tcfg.eval_batches, run.accelerator.process_index,
                               run.accelerator.num_processes):
             with run.accelerator.autocast():
-                total[0] += run.loss_fn(**batch_inputs(b, run.device, _graphs(run))).double()
+                total[0] += run.loss_fn(**batch_inputs(b, run.device, run_graphs(run))).double()
             total[1] += (b["labels"] != -100).sum()
     total = run.accelerator.reduce(total, reduction="sum") if run.accelerator.num_processes > 1 else total
     run.model.train()
@@ -280,7 +233,7 @@ def _train_step(run: Run, step: int) -> dict:
     for i, b in enumerate(micro):
         ctx = acc.no_sync(run.loss_fn) if (acc.num_processes > 1 and i < len(micro) - 1) else contextlib.nullcontext()
         with ctx, acc.autocast():
-            s = run.loss_fn(**batch_inputs(b, run.device, _graphs(run)))
+            s = run.loss_fn(**batch_inputs(b, run.device, run_graphs(run)))
         acc.backward(s * scale)
         loss_sum += s.detach().float()
     grad_norm = None

@@ -8,8 +8,9 @@ import torch
 from codetune.config import build
 from codetune.model.adapters import apply_adapters
 from codetune.model.load import load_model
+from codetune.train.inputs import CausalLMLoss
 from codetune.train.memory import PeakMeter
-from codetune.train.recipe import CausalLMLoss, train_step
+from codetune.train.recipe import train_step
 
 
 class RecordingOptimizer:
