@@ -271,7 +271,9 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
         kept = min(n_train, OFFLOAD_IN_FLIGHT) * layer_in if offload else n_train * layer_in
         recompute = saved + bwd
         if fused:
-            quadratic = saved - layer_saved_bytes(shape, T, names, 0, "flash_attention_2", train.batch_size)
+            # (the attention kind's quadratic term alone: same linears and rank on both sides)
+            quadratic = saved - layer_saved_bytes(shape, T, names, 0 if full else adapter.rank, "flash_attention_2",
+                                                  train.batch_size)
             recompute = fused_layer_bytes(shape, T, train.batch_size) + quadratic
     else:
         kept, recompute = n_train * (saved + layer_in), bwd
@@ -312,7 +314,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
     flops = T * train.grad_accum * flops_per_token(shape, data.seq_len, n_train, full, train.grad_checkpointing)
     return Breakdown(parts, notes, cpu_pinned=n_train * layer_in if offload else 0,
                      tokens_per_step=T * train.grad_accum, flops_per_step=flops,
-                     settings={"precision": precision, "offload": offload, "gpu_bytes": gpu_bytes})
+                     settings={"precision": precision, "offload": offload, "gpu_bytes": gpu_bytes, "engine": plan})
 
 
 def flops_per_token(shape: Shape, seq: int, n_train: int, full: bool, checkpoint: bool) -> float:
