@@ -53,7 +53,7 @@ def document_spans(position_ids: torch.Tensor, static: bool = False) -> dict:
     * static=False (eager layers): exactly one slot per document and `max_length` the longest one: no
       wasted blocks; {} when every row is one document, which then takes plain causal SDPA (on an H200 a
       single 16k document ran slower through the variable-length kernel than through SDPA's dense causal
-      flash path: bench/results/train_h200_2026-12-01_real-path.md);
+      flash path: bench/results/train_h200_2026-12-01_verify.md against _real-path-ab.md);
     * static=True (the layers replay as CUDA graphs, which need fixed shapes and values): the slots padded
       with the total (zero-length documents) up to a power of two (at least 8) and `max_length` the row
       length, so a run sees a few shapes (a capture each) rather than one per document count."""
