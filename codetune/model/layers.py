@@ -205,10 +205,10 @@ class LayerRunner:
         if not (torch.is_grad_enabled() and self.layer.training):
             if torch.is_grad_enabled() or kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in _CACHES):
                 return self.original(hidden_states, *args, **kwargs)
-            # validation (no grad, no KV cache): the same fused forward as training, so its numbers and its
-            # memory are those of the training path (transformers' layer would dequantize and allocate anew)
-            # Where training replays the layer's forward as a CUDA graph, validation replays the same graph (its
-            # memory is the graphs' pool, already reserved), else runs the fused forward eagerly.
+            # Validation (no grad, no KV cache) runs the training path's forward, so its numbers and memory are
+            # the training path's (transformers' layer would dequantize and allocate anew): the same CUDA graph
+            # where training replays one (its memory is the graphs' pool, already reserved), else the fused
+            # forward eagerly.
             fn, graphed = self._forward(hidden_states, args, _without_cache(kwargs))
             out = graphed[0].forward(hidden_states, graphed[1]) if graphed is not None else None
             if out is not None:
