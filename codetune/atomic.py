@@ -87,10 +87,29 @@ def error_number(exc: BaseException) -> int | None:
     return int(m.group(1) or m.group(2)) if m else None
 
 
+def _short_torch_write(exc: BaseException) -> bool:
+    """torch.save's zip writer on a full disk: RuntimeError('[enforce fail at inline_container.cc] . unexpected
+    pos 83968 vs 83860') or 'PytorchStreamWriter failed writing file ...'."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in text or "PytorchStreamWriter failed" in text)
+
+
+def _nearly_full(path: Path, margin: int = 16 * 2**20) -> bool:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < margin
+    except OSError:
+        return False
+
+
 def write_error(path: Path, exc: BaseException, elsewhere: str = "write somewhere else") -> ConfigError | None:
     """A one-line ConfigError naming `path`, the cause and the fix when writing failed because of the file
     system (full, read-only, no permission); None for anything else, which is a bug and should raise as is."""
     code = error_number(exc)
+    if code is None and _short_torch_write(exc) and _nearly_full(path):
+        code = errno.ENOSPC  # torch.save's writer reports a full disk only as a short write, with no errno
     if code not in _WRITE_FIXES:
         return None
     fix = _WRITE_FIXES[code].format(elsewhere=elsewhere)

@@ -1,5 +1,7 @@
 """codetune/atomic.py: good output is never overwritten in place."""
 
+from pathlib import Path
+
 import pytest
 
 from codetune.atomic import replace_dir, write_file, write_text
@@ -56,3 +58,32 @@ def test_replace_dir_moves_the_old_folder_back_when_the_swap_fails(tmp_path, mon
     with pytest.raises(OSError):
         replace_dir(new, dst)
     assert (dst / "a").read_text() == "1" and sorted(x.name for x in tmp_path.iterdir()) == ["dst", "new"]
+
+
+def test_torch_save_on_a_full_disk_is_named_as_one(tmp_path):
+    """torch.save reports a full disk only as 'unexpected pos A vs B' (no errno); on a real full tmpfs (a
+    private mount namespace) write_error names it ENOSPC, as checkpoint saving reports it."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux unshare for private mounts")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", str(disk)], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"private mounts unavailable here: {probe.stderr.decode().strip()}")
+    code = (
+        "import sys, torch; from pathlib import Path; from codetune.atomic import write_error\n"
+        "d = Path(sys.argv[1]); (d / 'fill').write_bytes(b'x' * (1 << 20))\n"
+        "try:\n    torch.save({'w': torch.zeros(1 << 20)}, d / 'optimizer.pt'); print('saved')\n"
+        "except RuntimeError as e:\n    print('unexpected pos' in str(e), write_error(d, e))\n"
+        "print(write_error(d, RuntimeError('some other failure')))\n")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1200k tmpfs {disk} && "
+                        f"{sys.executable} -c \"$0\" {disk}", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.strip().splitlines()[-2:]
+    assert first.startswith("True cannot write") and "(ENOSPC)" in first, r.stdout
+    assert second == "None"  # not a disk problem: raised as it is

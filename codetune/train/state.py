@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from codetune.atomic import replace_dir
+from codetune.atomic import replace_dir, write_error
 from codetune.config import ConfigError, flag_name
 from codetune.export.adapter import trained_state_dict
 
@@ -182,8 +182,11 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_
             write_adapter(tmp / "adapter")
         final = checkpoint_path(out_dir, step)
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = write_error(root, e, elsewhere="choose another --out-dir") if isinstance(e, Exception) else None
+        if err is not None:  # a full or read-only disk: one line naming it; the earlier checkpoints are intact
+            raise err from None
         raise
     prune(out_dir, keep_last)
     return final
