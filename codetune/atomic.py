@@ -12,6 +12,16 @@ from pathlib import Path
 
 from codetune.config import ConfigError
 
+# The names the writers below give their temporary and parked-aside paths (aside, temp_dir_beside,
+# write_file): ".<name>.tmp-<pid>[.<suffix>]" and ".<name>.old-<pid>". Whoever cleans up after a killed
+# writer asks is_leftover rather than spelling the names out again.
+_LEFTOVER = re.compile(r"\.[^/]+\.(tmp|old)-\d+(\.\w+)?")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether `name` is a temporary or parked-aside path one of this module's writers makes."""
+    return _LEFTOVER.fullmatch(name) is not None
+
 
 def aside(dst: Path, pid: int | str | None = None) -> Path:
     """Where replace_dir parks the previous `dst` while swapping (a pattern with pid="*")."""

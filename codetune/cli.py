@@ -10,6 +10,7 @@ import argparse
 import difflib
 import errno
 import importlib
+import os
 import sys
 import traceback
 import warnings
@@ -124,6 +125,9 @@ def explain(e: BaseException) -> tuple[str, int] | None:
         path = e.filename
         if isinstance(e, FileNotFoundError):
             return (f"no such file or directory: {path}; check the path" if path else str(e)), 2
+        if isinstance(e, (NotADirectoryError, FileExistsError)) and path and not os.path.isdir(path):
+            # a folder was to be made or entered where a file is (--eval-dir a file, or inside one)
+            return f"{path} (or a folder above it) is a file, not a folder; give the path of a folder", 2
         if isinstance(e, PermissionError) or e.errno == errno.EACCES:
             return (f"permission denied: {path or e}; choose a folder you can write to (--out-dir, --data-dir, "
                     "--eval-dir) or fix its permissions"), 2

@@ -56,6 +56,8 @@ def demo_sources() -> list[str]:
 
 def fresh_dir(out: Path) -> None:
     """The demo may clear only a folder it made itself (marked), never someone else's data."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a new or empty folder")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise ConfigError(f"{out} exists and was not made by the demo; choose another --out")

@@ -87,3 +87,17 @@ def test_torch_save_on_a_full_disk_is_named_as_one(tmp_path):
     first, second = r.stdout.strip().splitlines()[-2:]
     assert first.startswith("True cannot write") and "(ENOSPC)" in first, r.stdout
     assert second == "None"  # not a disk problem: raised as it is
+
+
+def test_every_temporary_name_the_writers_make_is_a_leftover(tmp_path):
+    # train/state.remove_leftovers cleans up after killed writers by is_leftover: a writer whose naming
+    # changed without it would leave its debris in every run folder
+    from codetune.atomic import aside, is_leftover, temp_dir_beside, write_file
+
+    seen = []
+    write_file(tmp_path / "metrics.jsonl", lambda tmp: (seen.append(tmp.name), tmp.write_text("x")))
+    names = [seen[0], aside(tmp_path / "step-000004").name, aside(tmp_path / "adapter").name,
+             temp_dir_beside(tmp_path / "adapter").name]
+    assert all(is_leftover(n) for n in names), names
+    assert not any(is_leftover(n) for n in ("metrics.jsonl", "adapter", "step-000004", ".codetune-run",
+                                            "notes.tmp-1", ".tmp-1"))

@@ -113,6 +113,8 @@ def test_train_before_prepare_names_the_fix(tmp_path, capsys):
     (OSError(errno.ENOSPC, "No space left on device", "/x/run/a.bin"), "no space left on the device writing /x/run"),
     (OSError(errno.EROFS, "Read-only file system", "/ro/run"), "read-only file system: /ro/run; write somewhere"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/in.jsonl"), "no such file or directory: /x/in"),
+    (FileExistsError(errno.EEXIST, "File exists", "/x/notes.txt"), "/x/notes.txt (or a folder above it) is a file"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/x/notes.txt/e"), "/x/notes.txt/e (or a folder above"),
 ])
 def test_os_errors_name_the_path_and_the_fix(exc, expect, monkeypatch, capsys):
     def boom(cfgs, ns):
@@ -141,3 +143,12 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatc
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "codetune", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "codetune" in r.stdout
+
+
+def test_an_eval_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    # (was "internal error: FileExistsError", exit 1)
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    assert main(["eval", "--eval-dir", str(f), "--suites", "humaneval"]) == 2
+    assert "is a file, not a folder" in one_line(capsys.readouterr().err)
+    assert f.read_text() == "keep me"

@@ -58,3 +58,13 @@ def test_model_loading_prints_no_bars_and_restores_transformers_setting(tmp_path
     load_model(ModelConfig(random_init=True), torch.device("cpu"), vocab_size=256)
     assert "Loading weights" not in capsys.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # scoped: a caller's own bars are not switched off
+
+
+def test_demo_out_that_is_a_file_is_one_line_and_kept(tmp_path, capsys):
+    # (was "internal error: NotADirectoryError", exit 1)
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    assert main(["demo", "--out", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "internal error" not in err
+    assert f.read_text() == "keep me"

@@ -13,6 +13,8 @@ from codetune import registry
 from codetune.eval.generation import GenSettings, GenStats, generate
 from codetune.eval.humaneval import write_jsonl
 
+ITEMS_FILE = "fim.jsonl"  # one row per task, beside results.json; eval/report.py reads it
+
 CONTEXT_CHARS = 4000  # prefix/suffix kept on each side (~1k tokens): the local context that matters
 MIN_LINES = 6  # shorter documents give the model too little to infer from
 MAX_FILE_BYTES = 1_000_000
@@ -168,5 +170,5 @@ def evaluate(model, tok, tasks: list[FimTask], ecfg, out_dir: Path, log=print) -
                      "edit_similarity": sum(s["edit_similarity"] for s in scores) / len(ktasks),
                      "generation": stats.as_dict()}
         log(f"fim {kind}: exact={out[kind]['exact_match']:.3f} edit_sim={out[kind]['edit_similarity']:.3f}")
-    write_jsonl(out_dir / "fim.jsonl", rows)
+    write_jsonl(out_dir / ITEMS_FILE, rows)
     return out

@@ -54,6 +54,11 @@ def score(problems: list[dict], completions: list[list[str]], limits: Limits = L
     return records, summary
 
 
+def items_file(out_dir: Path, mode: str) -> Path:
+    """Where `evaluate` writes one mode's per-problem rows ("greedy" or "sampled"); eval/report.py reads them."""
+    return out_dir / f"humaneval_{mode}.jsonl"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -76,7 +81,7 @@ def evaluate(model, tok, ecfg, out_dir: Path, log=print) -> dict:
         completions = [flat[i * n:(i + 1) * n] for i in range(len(problems))]
         log(f"humaneval {name}: executing in the sandbox")
         records, summary = score(problems, completions, limits)
-        write_jsonl(out_dir / f"humaneval_{name}.jsonl", records)
+        write_jsonl(items_file(out_dir, name), records)
         out[name] = {**summary, "temperature": temperature, "generation": stats.as_dict()}
         log(f"humaneval {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in summary.items() if k.startswith("pass@")))
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from codetune.atomic import write_file, write_text
-from codetune.eval import stats
+from codetune.eval import fim, humaneval, stats
 from codetune.eval.passk import pass_at_k
 from codetune.train.metrics import read_metrics
 
@@ -91,13 +91,13 @@ def read_items(metric: Metric, results: dict, item_dir: Path | None) -> Items | 
         return None
     if suite == "humaneval":
         mode = metric.path[1]
-        rows = _jsonl(item_dir / f"humaneval_{mode}.jsonl")
+        rows = _jsonl(humaneval.items_file(item_dir, mode))
         k = int(metric.path[2].split("@")[1])
         if not rows or any(r["n"] < k for r in rows):
             return None
         vals = [float(r["passed"] > 0) if mode == "greedy" else pass_at_k(r["n"], r["passed"], k) for r in rows]
         return Items(tuple(r["task_id"] for r in rows), np.asarray(vals))
-    rows = [r for r in _jsonl(item_dir / "fim.jsonl") if r.get("kind") == metric.path[1]]
+    rows = [r for r in _jsonl(item_dir / fim.ITEMS_FILE) if r.get("kind") == metric.path[1]]
     if not rows:
         return None
     field = "exact" if metric.path[2] == "exact_match" else "edit_similarity"

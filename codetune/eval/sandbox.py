@@ -241,21 +241,26 @@ def _launch(base: Path, workdir: Path, uid: int | None, files: list[str], argv: 
         if theirs is not None:
             theirs.close()
     verdict, timed_out = None, False
-    if task is not None:
-        try:
-            verdict, timed_out = _judge(task, ours, limits, deadline)
-        except OSError as e:
-            _kill_group(proc.pid)
-            proc.wait()
-            if e.errno not in (errno.EAGAIN, errno.ENOMEM):
-                raise
-            return ExecResult("sandbox_error", None, 0.0, f"cannot start the judge: {e}", "", start_failed=True)
-        # the judge has its verdict: wait only to learn how a vanished program ended
-        grace = GONE_GRACE_S if verdict is None or verdict.get("gone") else 0.0
-        exited = not timed_out and _wait_unreaped(proc.pid, min(deadline, time.monotonic() + grace))
-    else:
-        exited = _wait_unreaped(proc.pid, deadline)
-        timed_out = not exited
+    try:
+        if task is not None:
+            try:
+                verdict, timed_out = _judge(task, ours, limits, deadline)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.ENOMEM):
+                    raise
+                _kill_group(proc.pid)
+                proc.wait()
+                return ExecResult("sandbox_error", None, 0.0, f"cannot start the judge: {e}", "", start_failed=True)
+            # the judge has its verdict: wait only to learn how a vanished program ended
+            grace = GONE_GRACE_S if verdict is None or verdict.get("gone") else 0.0
+            exited = not timed_out and _wait_unreaped(proc.pid, min(deadline, time.monotonic() + grace))
+        else:
+            exited = _wait_unreaped(proc.pid, deadline)
+            timed_out = not exited
+    except BaseException:  # (Ctrl-C, or a bug): the program must not run on without a harness
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
     # Kill the whole group whether or not the program finished: nothing it started outlives it.
     _kill_group(proc.pid)
     rc = proc.wait()

@@ -42,7 +42,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torc
     base (unless --model was given explicitly); `model_cfg.precision` picks nf4/int8/bf16/fp32 (auto: nf4
     on a GPU, fp32 on the CPU)."""
     from codetune.model.load import check_vocab, load_model, load_tuned, padded_vocab
-    from codetune.model.tokenizer import TokenizerError, load_tokenizer
+    from codetune.model.tokenizer import load_tokenizer
 
     if adapter:
         if not Path(adapter).is_dir():
@@ -50,10 +50,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torc
         model, tok, _ = load_tuned(adapter, device, precision=model_cfg.precision,
                                    model_cfg=model_cfg if model_cfg_given else None)
     else:
-        try:
-            tok = load_tokenizer(model_cfg)
-        except TokenizerError as e:
-            raise ConfigError(str(e)) from None
+        tok = load_tokenizer(model_cfg)  # (a TokenizerError is a ConfigError: one line)
         # a random-init model is sized to its tokenizer, as `codetune train` builds it
         vocab = padded_vocab(tok) if model_cfg.random_init else None
         model, _ = load_model(model_cfg, device, vocab_size=vocab)

@@ -94,11 +94,7 @@ def merge_adapter(adapter_dir, out_dir, device: torch.device = torch.device("cpu
     if not adapter_dir.is_dir():
         raise ConfigError(f"--adapter {adapter_dir}: no such folder; give a run's adapter/ (runs/<run>/adapter) "
                           "or a checkpoint's (runs/<run>/checkpoints/step-N/adapter)")
-    try:
-        info = read_run_info(adapter_dir)
-    except ValueError as e:  # ConfigError is one; a broken codetune.json is another
-        raise ConfigError(str(e) if isinstance(e, ConfigError) else
-                          f"{adapter_dir / RUN_INFO} is not valid JSON ({e}); copy the adapter folder again") from None
+    info = read_run_info(adapter_dir)
     check_adapter(adapter_dir, info)
     check_out(out_dir, force)
     try:  # read before the slow part, so a bad path fails fast

@@ -15,7 +15,8 @@ ATTN_NAME and selected per model instance by `use_packed_attention`, then runs:
 * spans given, CUDA, bf16/fp16, flash kernel usable (sm80+: RTX 30xx/40xx, A100, H100): the flash kernel's
   variable-length form (aten::_flash_attention_forward/backward), one launch over all documents; checked
   once per device/dtype/head size against the per-document path before its first use (exact-or-fallback);
-* spans given otherwise (CPU, fp32, older GPUs, or a failed check): one causal SDPA call per document;
+* spans given otherwise (CPU, fp32, older GPUs, a failed check, or attention dropout): one causal SDPA
+  call per document;
 * spans not given but the position ids restart (transformers' own decoder layer drops the spans before
   calling attention: `--no-fast-layers`, or layers the fused path steps aside for): spans derived from the
   position ids on the spot (a host sync per call), then as above;
@@ -103,7 +104,7 @@ class _VarlenFlash(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _per_document(q, k, v, cu: list[int], scale: float) -> torch.Tensor:
+def _per_document(q, k, v, cu: list[int], scale: float, dropout: float = 0.0) -> torch.Tensor:
     """The reference (and fallback): one causal SDPA call per document; (tokens, heads, head_dim) in/out."""
     if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the key/value heads
         rep = q.shape[1] // k.shape[1]
@@ -112,7 +113,7 @@ def _per_document(q, k, v, cu: list[int], scale: float) -> torch.Tensor:
     for a, e in zip(cu[:-1], cu[1:]):
         if e > a:  # (contiguous (1, heads, len, d) blocks: strided views can push SDPA onto its L x L math kernel)
             qd, kd, vd = (t[a:e].transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, dropout_p=dropout)
             pieces.append(o[0].transpose(0, 1))
     return torch.cat(pieces, dim=0)
 
@@ -173,11 +174,12 @@ def _flash_usable(q: torch.Tensor, heads: int, kv_heads: int) -> bool:
     return _flash_exact(key)
 
 
-def document_attention(q, k, v, cu: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
-    """Causal attention within documents; q (tokens, heads, d), k/v (tokens, kv_heads, d) -> (tokens, heads, d)."""
-    if _flash_usable(q, q.shape[1], k.shape[1]):
+def document_attention(q, k, v, cu: torch.Tensor, max_len: int, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within documents; q (tokens, heads, d), k/v (tokens, kv_heads, d) -> (tokens, heads, d).
+    Attention dropout (a model whose config asks for it) takes the per-document path: _VarlenFlash has none."""
+    if not dropout and _flash_usable(q, q.shape[1], k.shape[1]):
         return _VarlenFlash.apply(q, k, v, cu, max_len, scale)
-    return _per_document(q, k, v, cu.tolist(), scale)
+    return _per_document(q, k, v, cu.tolist(), scale, dropout)
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -193,7 +195,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         # them from the position ids here. Exact, at the price of a host sync per layer call.
         kwargs = {**kwargs, **spans_to(document_spans(position_ids), query.device)}
         cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or attention_mask is not None or dropout:
+    if cu is None or attention_mask is not None:
         if attention_mask is None and not dropout and query.shape[2] > 1 and kwargs.get("is_causal", True):
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                  enable_gqa=key.shape[1] != query.shape[1])
@@ -203,7 +205,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     b, h, s, d = query.shape
     flat = [t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value)]
     scale = scaling if scaling is not None else d ** -0.5
-    out = document_attention(*flat, cu, int(kwargs.get("max_length_q") or s), scale)
+    out = document_attention(*flat, cu, int(kwargs.get("max_length_q") or s), scale, dropout)
     return out.view(b, s, h, d), None
 
 

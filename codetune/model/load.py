@@ -173,7 +173,13 @@ def read_run_info(adapter_dir: str | Path) -> dict:
     if not p.exists():
         raise ConfigError(f"{adapter_dir} has no {RUN_INFO}: not an adapter saved by `codetune train` "
                           "(expected <run>/adapter or <run>/checkpoints/step-N/adapter)")
-    return json.loads(p.read_text())
+    try:
+        info = json.loads(p.read_text())
+    except ValueError as e:  # (a copy cut short, or hand-edited)
+        raise ConfigError(f"{p} is not valid JSON ({e}); copy the adapter folder again") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{p} is not a codetune adapter description (a JSON object); copy the adapter folder again")
+    return info
 
 
 def load_tuned(adapter_dir: str | Path, device: torch.device, precision: str | None = None,

@@ -13,10 +13,24 @@ from pathlib import Path
 
 from codetune import registry
 from codetune.atomic import write_file
+from codetune.fields import ConfigError
 
 
-class TokenizerError(ValueError):
-    pass
+class TokenizerError(ConfigError):
+    """No usable tokenizer: the user's to fix (a ConfigError, so every command says it in one line)."""
+
+
+def _from_pretrained(src: str, **kwargs):
+    """AutoTokenizer.from_pretrained, with a folder or file that holds no tokenizer (transformers raises
+    OSError or ValueError, over several lines) said in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TokenizerError(f"cannot load a tokenizer from {src!r} ({first}); give a model folder that holds its "
+                             "tokenizer files (tokenizer.json), a hub id, or --tokenizer") from None
 
 
 def cache_root() -> Path:
@@ -94,17 +108,15 @@ def corpus_tokenizer(files: list[Path], vocab_size: int = 4096, cache_dir: Path 
 def load_tokenizer(model_cfg, corpus_files: list[Path] | None = None):
     """The tokenizer for a model setting: --tokenizer if given, the model's own if it has one, else a BPE
     trained on the corpus (tiny / random-init models only)."""
-    from transformers import AutoTokenizer
-
     if model_cfg.tokenizer:
         p = Path(model_cfg.tokenizer).expanduser()
-        tok = _wrap(p) if p.is_file() else AutoTokenizer.from_pretrained(str(p))
+        tok = _wrap(p) if p.is_file() else _from_pretrained(str(p))
         return ensure_special_tokens(tok)
     spec = registry.lookup(model_cfg.model)
     if spec is None or (spec.hub_id and not model_cfg.random_init):
         src = registry.resolve(model_cfg.model, "tokenizer_config.json")  # one line at once if it can't be had
-        return ensure_special_tokens(AutoTokenizer.from_pretrained(src.path, trust_remote_code=model_cfg.trust_remote_code,
-                                                                   local_files_only=src.cache_only))
+        return ensure_special_tokens(_from_pretrained(src.path, trust_remote_code=model_cfg.trust_remote_code,
+                                                      local_files_only=src.cache_only))
     if corpus_files:
         return corpus_tokenizer(corpus_files)
     raise TokenizerError(f"{model_cfg.model} with random init has no tokenizer of its own: pass --tokenizer "

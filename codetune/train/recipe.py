@@ -372,16 +372,17 @@ def main(cfgs: dict) -> dict:
 
         maybe_resume(run)  # (reads the checkpoint: a resume that would be refused is refused now)
         return dry_run_report(run)
-    if run.accelerator.is_main_process:
-        claim(run.out_dir)
-        for p in remove_leftovers(run.out_dir):
-            print(f"codetune train: removed {p}, left by an interrupted save", file=sys.stderr)
-    run.accelerator.wait_for_everyone()
-    maybe_resume(run)
-    if run.accelerator.is_main_process:
-        write_config(run.out_dir, run.cfgs)
-    summary = fit(run)
-    finish(run, summary)
+    with contextlib.ExitStack() as held:
+        if run.accelerator.is_main_process:
+            held.enter_context(claim(run.out_dir))  # (held to the end: no second run writes here meanwhile)
+            for p in remove_leftovers(run.out_dir):
+                print(f"codetune train: removed {p}, left by an interrupted save", file=sys.stderr)
+        run.accelerator.wait_for_everyone()
+        maybe_resume(run)
+        if run.accelerator.is_main_process:
+            write_config(run.out_dir, run.cfgs)
+        summary = fit(run)
+        finish(run, summary)
     return summary
 
 

@@ -9,9 +9,12 @@ never overwritten.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from codetune.atomic import write_text
@@ -53,11 +56,26 @@ def check_out_dir(out_dir: str | Path, resume: bool) -> None:
                           "--out-dir (nothing was overwritten)")
 
 
-def claim(out: Path) -> None:
-    """Mark the folder as a codetune run before anything else is written into it."""
+@contextlib.contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Mark the folder as a codetune run before anything else is written into it, and hold it for this
+    process while the block runs: a second `codetune train` on the same --out-dir (a --resume started
+    while the first still runs) would delete the first's saves in progress as leftovers and write over
+    its metrics. The lock is on the marker itself (created in place, never replaced, so both runs lock
+    the same file) and goes with the process, however it ends."""
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).exists():
-        write_text(out / MARKER, "made by `codetune train`; `--resume` may continue the run in this folder\n")
+    fd = os.open(out / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--out-dir {out} is in use by another `codetune train` that is still running; "
+                              "wait for it to finish (or stop it), or choose another --out-dir") from None
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, b"made by `codetune train`; `--resume` may continue the run in this folder\n")
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def config_text(cfgs: dict) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from codetune.atomic import replace_dir, write_error
+from codetune.atomic import is_leftover, replace_dir, write_error
 from codetune.config import ConfigError, flag_name
 from codetune.export.adapter import trained_state_dict
 
@@ -44,8 +44,8 @@ DATA_KEY = "data_key"
 # else (eval/save cadence, logging, engine switches that are exact) may change freely.
 APPLIED_ON_RESUME = {"train": ["steps", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
                                "max_grad_norm"]}
-_LEFTOVER = re.compile(r"\.tmp-step-.*|\.old-step-.*|\.step-\d+\.old-\d+")        # inside checkpoints/
-_LEFTOVER_TOP = re.compile(r"\.adapter\.(tmp|old)-\d+|\.[\w-]+\.tmp-\d+(\.\w+)?")  # inside out_dir
+# this module's own temporary names inside checkpoints/ (atomic.py's writers name theirs: is_leftover)
+_SAVING, _PRUNING = ".tmp-step-", ".old-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +118,10 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 def remove_leftovers(out_dir: Path) -> list[Path]:
     """Temporary folders and files of saves a kill interrupted (checkpoints, adapter, atomic files) and
     checkpoints renamed aside for pruning. Only names our own writers make; returns what was removed."""
-    out = Path(out_dir)
-    found = [p for p in (checkpoint_dir(out).iterdir() if checkpoint_dir(out).is_dir() else ()) if _LEFTOVER.fullmatch(p.name)]
-    found += [p for p in (out.iterdir() if out.is_dir() else ()) if _LEFTOVER_TOP.fullmatch(p.name)]
+    out, ckpts = Path(out_dir), checkpoint_dir(out_dir)
+    found = [p for p in (ckpts.iterdir() if ckpts.is_dir() else ())
+             if p.name.startswith((_SAVING, _PRUNING + "step-")) or is_leftover(p.name)]
+    found += [p for p in (out.iterdir() if out.is_dir() else ()) if is_leftover(p.name)]
     for p in found:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -132,7 +133,7 @@ def remove_leftovers(out_dir: Path) -> list[Path]:
 def _remove(ckpt: Path) -> None:
     # renamed first (atomic), so a kill halfway through the delete leaves a leftover, not a checkpoint
     # that lacks its weights yet still looks like one
-    aside = ckpt.with_name(f".old-{ckpt.name}-{os.getpid()}")
+    aside = ckpt.with_name(f"{_PRUNING}{ckpt.name}-{os.getpid()}")
     os.replace(ckpt, aside)
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -171,7 +172,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_
     tensors = trained_state_dict(model)
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=_SAVING, dir=root))
     try:
         save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

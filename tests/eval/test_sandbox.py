@@ -142,3 +142,30 @@ def test_output_flood_is_bounded():
 def test_parallel_runs_keep_order():
     res = run_programs([f"import sys; sys.exit({i % 2})" for i in range(8)], FAST, workers=4)
     assert [r.passed for r in res] == [i % 2 == 0 for i in range(8)]
+
+
+def test_an_interrupted_check_leaves_no_program_running(monkeypatch):
+    # (Ctrl-C while the judge ran used to leave the sandboxed program running on its own)
+    import subprocess
+
+    from codetune.eval import sandbox
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(task, sock, limits, deadline):
+        sock.close()
+        raise KeyboardInterrupt
+
+    prot = detect()
+    monkeypatch.setattr(sandbox.subprocess, "Popen", popen)
+    monkeypatch.setattr(sandbox, "_judge", interrupted)
+    task = sandbox.Task(program="import time\ntime.sleep(60)\ndef f():\n    pass\n", entry_point="f",
+                        test="def check(candidate):\n    pass\n")
+    with pytest.raises(KeyboardInterrupt):
+        sandbox.run_check(task, FAST, prot)
+    assert started and started[0].poll() is not None

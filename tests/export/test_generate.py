@@ -111,3 +111,13 @@ def test_streamed_text_equals_one_shot_decode(tuned):
         out = generate_text(model, tok, ids, SamplingParams(max_new_tokens=30, temperature=1.0, seed=seed),
                             on_text=pieces.append)
         assert out.text == tok.decode(gen, skip_special_tokens=True) == "".join(pieces)
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["merge", "--out", "unused"]])
+@pytest.mark.parametrize("text", ["{cut short", "[1, 2]"])
+def test_a_broken_codetune_json_is_one_line(tmp_path, capsys, command, text):
+    # (generate used to end in "internal error: JSONDecodeError"; merge had its own copy of the check)
+    (tmp_path / "codetune.json").write_text(text)
+    assert main([command[0], "--adapter", str(tmp_path), *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "codetune.json is not" in err and "internal error" not in err

@@ -49,6 +49,23 @@ def test_per_document_attention_equals_a_block_causal_mask():
     torch.testing.assert_close(document_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), 16, 8 ** -0.5), ref)
 
 
+
+def test_attention_dropout_keeps_documents_apart():
+    # (dropout > 0 used to fall back to one causal call over the whole row: documents saw each other)
+    from codetune.model.attention import packed_attention
+
+    def second_document(vscale):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+        v[:, :, :4] *= vscale  # document 1 only
+        spans = document_spans(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]))
+        torch.manual_seed(1)
+        out, _ = packed_attention(None, q, k, v, None, dropout=0.5, **spans)
+        return out[0, 4:]
+
+    torch.testing.assert_close(second_document(1.0), second_document(7.0))
+
+
 def _model(**arch):
     from transformers import AutoModelForCausalLM
 

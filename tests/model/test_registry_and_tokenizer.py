@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from codetune import registry
@@ -35,3 +36,15 @@ def test_special_tokens_single_ids_in_gpt_neox(shared_tokenizer_path):
     ids = [tok.encode(t, add_special_tokens=False) for t in registry.SPECIAL_TOKENS]
     assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids)
     assert tok.encode("<fim_prefix>def f():<fim_suffix>", add_special_tokens=False)[0] == ids[1][0]
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_a_model_path_without_a_tokenizer_is_one_line(tmp_path, capsys, what):
+    # (was "internal error: OSError: It looks like the config file ... is not a valid JSON file", exit 1)
+    from codetune.cli import main
+
+    where = tmp_path / "notes.txt" if what == "file" else tmp_path / "weights-only"
+    where.write_text("x") if what == "file" else where.mkdir()
+    assert main(["generate", "--model", str(where), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load a tokenizer from" in err and "internal error" not in err

@@ -260,3 +260,19 @@ def test_metrics_log_keeps_rows_up_to_the_resume_step_once(tmp_path):
     events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_touches_nothing(tiny_data, run_copy, capsys):
+    from codetune.train.rundir import claim
+
+    # the first run, mid-save: its temporary checkpoint folder looks like a leftover to anyone else
+    saving = run_copy / "checkpoints" / ".tmp-step-inflight"
+    saving.mkdir()
+    (saving / "x").write_text("being written")
+    before = _tree(run_copy)
+    with claim(run_copy):
+        assert _train(tiny_data, run_copy, "--resume", "--steps", "5") == 2
+        assert "in use by another `codetune train`" in _stderr_line(capsys, "codetune train: ")
+        assert _tree(run_copy) == before
+    with claim(run_copy):  # released when the holder's block ends
+        pass
