@@ -151,3 +151,14 @@ def test_code_only_set_has_no_mask_and_reads_as_before(corpus, tmp_path):
     for i in range(len(ds)):  # every real token but a row's last and each one before a document start
         inner = sum(1 for s in ds.doc_starts(i) if 0 < s < ds.n_real[i])
         assert int((ds[i]["labels"] != IGNORE).sum()) == ds.n_real[i] - 1 - inner
+
+
+def test_a_source_of_no_known_shape_is_one_line_and_exit_2(tmp_path, capsys):
+    from codetune.cli import main
+
+    f = tmp_path / "qa.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    assert main(["prepare", str(f), "--data-dir", str(tmp_path / "d"), "--random-init"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "columns: question, answer" in err and "messages" in err
+    assert "--data-format" in err and not (tmp_path / "d").exists()
