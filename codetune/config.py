@@ -146,10 +146,23 @@ class DataConfig(Section):
                                     used_by=PREPARE)
     data_seed: int = opt(0, "seed of the FIM choices (the split is by hash, not by seed)", used_by=PREPARE, ge=0)
     write_report: bool = opt(True, "write report.md and PNG charts next to the shards", used_by=PREPARE)
+    data_format: str = opt("auto", "row shape of JSONL / Parquet / HF sources: auto (from the columns), code (text "
+                                   "column), messages (OpenAI chat), prompt-completion, instruction (+input, output); "
+                                   "folders are always code", used_by=PREPARE,
+                           choices=("auto", "code", "messages", "prompt-completion", "instruction"))
+    chat_template: str = opt("auto", "how chat rows are rendered: auto = the tokenizer's chat template if it has one, "
+                                     "else plain (docs/data.md); plain = always codetune's plain template",
+                             used_by=PREPARE, choices=("auto", "plain"))
+    mix: str | None = opt(None, "token shares of code and chat in the train split, e.g. code=0.7,chat=0.3 (the "
+                                "smaller kind is repeated to reach its share); default: as found", used_by=PREPARE)
 
     def cross_checks(self) -> None:
         if self.min_file_bytes > self.max_file_bytes:
             raise ConfigError(f"min_file_bytes={self.min_file_bytes} exceeds max_file_bytes={self.max_file_bytes}")
+        if self.mix is not None:
+            from codetune.data.mix import parse_mix
+
+            parse_mix(self.mix)
 
 
 @dataclass

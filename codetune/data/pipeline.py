@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codetune.data import chat, dedup, filters, fim, languages, redact
 from codetune.data import decode as dec
-from codetune.data import dedup, filters, fim, languages, redact
 from codetune.data.decontam import Decontaminator
 from codetune.data.sources import Drop, Item
 from codetune.data.split import UnitKeys, unit_keys
@@ -52,6 +52,7 @@ class Setup:
     seed: int
     group_near: bool = False  # near dedup off but a split to make: still hash, to keep near copies together
     bands: tuple = ()  # (bands, rows) of the LSH index, set by run(): band keys are made in the workers
+    chat_template: chat.Template | None = None  # how prompt/response rows are rendered
 
 
 _W: dict = {}  # per-process state: the setup, permutations and encoder
@@ -79,13 +80,15 @@ class _Clock:
 
 def clean_one(item: Item | Drop, s: Setup, perms, clock: _Clock) -> dict:
     if isinstance(item, Drop):
-        return {"drop": ("decode", item.reason), "path": item.path, "bytes": 0, "raw": b""}
+        return {"drop": ("decode", item.reason), "path": item.path, "bytes": 0, "raw": b"", "kind": item.kind}
+    if item.messages is not None:
+        return clean_chat(item, s, perms, clock)
     if item.file is not None:
         data, reason = dec.read_file(item.file, s.thresholds.max_bytes)
     else:
         data, reason = item.text, None
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else (data or b"")
-    base = {"path": item.path, "bytes": len(raw), "raw": hashlib.blake2b(raw, digest_size=16).digest()}
+    base = {"path": item.path, "bytes": len(raw), "raw": hashlib.blake2b(raw, digest_size=16).digest(), "kind": "code"}
     text = None
     if reason is None:
         text, reason = dec.decode(data)
@@ -123,6 +126,42 @@ def clean_one(item: Item | Drop, s: Setup, perms, clock: _Clock) -> dict:
             "bands": bands, "contam": contam, "redactions": found}
 
 
+def clean_chat(item: Item, s: Setup, perms, clock: _Clock) -> dict:
+    """A prompt/response pair through the same stages as code, except the code-quality rules (line
+    lengths, alphanumeric share, ...), which measure source files, not prose: only the size bounds."""
+    msgs = item.messages
+    raw = chat.canonical_text(msgs).encode("utf-8", "surrogatepass")
+    base = {"path": item.path, "bytes": len(raw), "raw": hashlib.blake2b(raw, digest_size=16).digest(), "kind": "chat"}
+    clock.lap("decode", len(raw))
+    reason = "too_small" if len(raw) < s.thresholds.min_bytes else "too_large" if len(raw) > s.thresholds.max_bytes \
+        else None
+    clock.lap("quality", len(raw))
+    if reason:
+        return {**base, "drop": ("quality", reason)}
+    found: Counter = Counter()
+    if s.redact:
+        cleaned = []
+        for m in msgs:
+            text, f = redact.redact(m.content)
+            found.update(f)
+            cleaned.append(chat.Message(m.role, text))
+        msgs = tuple(cleaned)
+    clock.lap("redact", len(raw))
+    try:
+        pieces = chat.render(msgs, s.chat_template)
+    except Exception:  # noqa: BLE001 - a template may refuse one conversation's roles: count it, go on
+        return {**base, "drop": ("decode", "chat_template_failed")}
+    text = chat.canonical_text(msgs)
+    key = dedup.exact_key(text)
+    bands = dedup.band_keys(dedup.signature(dedup.shingles(text, s.shingle_size), perms), *s.bands) \
+        if s.near_dedup or s.group_near else None
+    clock.lap("dedup", len(raw))
+    contam = s.decontam.match(text) if s.decontam else None
+    clock.lap("decontam", len(raw))
+    return {**base, "text": text, "pieces": pieces, "lang": "chat", "repo": item.repo, "source": item.source,
+            "key": key, "bands": bands, "contam": contam, "redactions": found}
+
+
 def clean_batch(batch: list) -> tuple[list[dict], list]:
     s, clock = _W["setup"], _Clock()
     return [_guarded(it, s, clock) for it in batch], clock.log
@@ -133,17 +172,34 @@ def _guarded(item, s: Setup, clock: _Clock) -> dict:
     try:
         return clean_one(item, s, _W["perms"], clock)
     except Exception as e:  # noqa: BLE001 - by design: one bad file must not end a long run
-        return {"drop": ("error", type(e).__name__), "path": getattr(item, "path", None), "bytes": 0, "raw": b""}
+        return {"drop": ("error", type(e).__name__), "path": getattr(item, "path", None), "bytes": 0, "raw": b"",
+                "kind": getattr(item, "kind", "code")}
 
 
-def encode_batch(docs: list[tuple[str, bytes]]) -> tuple[list[tuple[np.ndarray, str]], list]:
-    s, clock = _W["setup"], _Clock()
-    pieces = [fim.fim_split(text, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed) for text, key in docs]
-    n_bytes = sum(len(t) for t, _ in docs)
+@dataclass(frozen=True)
+class Tokens:
+    ids: np.ndarray
+    mode: str  # FIM mode of code ("none", "psm", "spm"), or "chat"
+    target: np.ndarray | None  # chat: bool per token, whether it carries loss
+
+
+def encode_batch(docs: list[tuple[str | list, bytes]]) -> tuple[list[Tokens], list]:
+    """Code (text) is FIM-rewritten at the run's rate; chat (rendered pieces) never is: a pair's order
+    is the point of it, and FIM would scatter its loss mask."""
+    s, clock, enc = _W["setup"], _Clock(), _W["enc"]
+    code = [(i, fim.fim_split(body, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed))
+            for i, (body, key) in enumerate(docs) if isinstance(body, str)]
+    n_bytes = sum(len(b) if isinstance(b, str) else sum(len(p.text) for p in b) for b, _ in docs)
     clock.lap("fim", n_bytes)
-    ids = [compact(i) for i in _W["enc"].encode(pieces)]
+    out: list = [None] * len(docs)
+    for (i, p), ids in zip(code, enc.encode([p for _, p in code])):
+        out[i] = Tokens(compact(ids), p.mode, None)
+    for i, (body, _) in enumerate(docs):
+        if not isinstance(body, str):
+            e = chat.encode(body, enc)
+            out[i] = Tokens(compact(e.ids), "chat", e.target)
     clock.lap("tokenize", n_bytes)
-    return [(i, p.mode) for i, p in zip(ids, pieces)], clock.log
+    return out, clock.log
 
 
 class _Inline:
@@ -176,9 +232,9 @@ class Outcome:
 
 
 def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
-        sink: Callable[[Kept, np.ndarray], None], stats: Stats, tick: Callable[[str, int, int], None] | None = None
+        sink: Callable[[Kept, Tokens], None], stats: Stats, tick: Callable[[str, int, int], None] | None = None
         ) -> Outcome:
-    """Drive all stages over `items`; `sink(kept, ids)` receives each kept document's tokens in input
+    """Drive all stages over `items`; `sink(kept, tokens)` receives each kept document's tokens in input
     order (the split is decided afterwards, when all units are known)."""
     dd = dedup.Deduper(dedup_threshold, setup.num_perm, drop_near=setup.near_dedup)
     setup = dataclasses.replace(setup, bands=(dd.b, dd.r))
@@ -191,7 +247,7 @@ def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
 
     content = hashlib.sha256()
     cleaning, encoding = deque(), deque()
-    pending: list[tuple[str, bytes, Kept, int]] = []  # text, key, kept, bytes
+    pending: list[tuple[str | list, bytes, Kept, int]] = []  # text (code) or pieces (chat), key, kept, bytes
     pending_bytes = 0
     depth = max(2, 2 * workers)
     source = batched(items, BATCH_FILES)
@@ -210,12 +266,17 @@ def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
             out, log = res.get()
             for stage, sec, nb in log:
                 stats.add_timing(stage, sec, nb)
-            for (kept, nb), (ids, mode) in zip(meta, out):
-                stats.fim_modes[mode] += 1
+            for (kept, nb), t in zip(meta, out):
+                if t.target is None:
+                    stats.fim_modes[t.mode] += 1
+                kind = stats.kinds["code" if t.target is None else "chat"]
+                kind["kept"] += 1
+                kind["tokens"] += len(t.ids)
+                kind["loss_tokens"] += len(t.ids) + 1 if t.target is None else int(t.target.sum())
                 stats.kept["fim"] += 1
                 stats.kept["tokenize"] += 1
-                stats.doc_tokens.append(len(ids))
-                sink(kept, ids)
+                stats.doc_tokens.append(len(t.ids))
+                sink(kept, t)
                 if tick:
                     tick("tokenize", 1, nb)
 
@@ -231,6 +292,7 @@ def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
                 stats.add_timing(stage, sec, nb)
             for r in results:
                 stats.files_seen += 1
+                stats.kinds[r["kind"]]["seen"] += 1
                 stats.input_bytes += r["bytes"]
                 content.update(r["raw"])
                 if tick:
@@ -240,17 +302,17 @@ def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
                 for stage in WORKER_STAGES[:passed]:  # the stages before the one that dropped it
                     stats.kept[stage] += 1
                 if "drop" in r:
-                    stats.drop(*r["drop"], r["bytes"])
+                    stats.drop(*r["drop"], r["bytes"], kind=r["kind"])
                     continue
                 stats.redactions.update(r["redactions"])
                 why = dd.check(doc_id, r["key"], r["bands"])
                 doc_id += 1
                 if why:
-                    stats.drop("dedup", why, r["bytes"])
+                    stats.drop("dedup", why, r["bytes"], kind=r["kind"])
                     continue
                 stats.kept["dedup"] += 1
                 if r["contam"]:
-                    stats.drop("decontam", "benchmark_match", r["bytes"])
+                    stats.drop("decontam", "benchmark_match", r["bytes"], kind=r["kind"])
                     stats.contaminated.append({"path": r["path"], "match": r["contam"]})
                     continue
                 stats.kept["decontam"] += 1
@@ -259,7 +321,7 @@ def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
                 stats.languages[r["lang"]] += 1
                 stats.language_bytes[r["lang"]] += r["bytes"]
                 stats.file_bytes.append(r["bytes"])
-                pending.append((r["text"], r["key"], kept, r["bytes"]))
+                pending.append((r.get("pieces", r["text"]), r["key"], kept, r["bytes"]))
                 pending_bytes += len(r["text"])
                 if pending_bytes >= TOKEN_BATCH_BYTES:
                     flush_tokens()

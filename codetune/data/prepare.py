@@ -25,11 +25,13 @@ import numpy as np
 from codetune.atomic import replace_dir, write_text
 from codetune.config import ConfigError, DataConfig, ModelConfig
 from codetune.data import fastbpe, filters, languages, pipeline, split
+from codetune.data.chat import canonical_text, check_template, template_of
 from codetune.data.decontam import Decontaminator
 from codetune.data.fim import check_fim_tokens
+from codetune.data.mix import pack_splits
 from codetune.data.outdir import check_data_dir, clean_stale, local_inputs, tmp_dir, write_error
 from codetune.data.shards import Packer, ShardWriter, Staging
-from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of
+from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of, resolve
 from codetune.data.stats import Stats
 from codetune.model.tokenizer import cache_root, load_tokenizer, tokenizer_fingerprint
 
@@ -48,7 +50,8 @@ def columns(data: DataConfig) -> Columns:
 
 
 def iter_items(data: DataConfig) -> Iterator:
-    items = itertools.chain.from_iterable(iter_source(s, columns(data)) for s in data.sources)
+    items = itertools.chain.from_iterable(iter_source(s, resolve(s, columns(data), data.data_format))
+                                          for s in data.sources)
     return itertools.islice(items, data.max_files) if data.max_files else items
 
 
@@ -89,6 +92,8 @@ def corpus_for_bpe(data: DataConfig, allowed: frozenset) -> list[Path]:
             continue
         if it.file and languages.detect(it.path) in allowed:
             files.append(Path(it.file))
+        elif it.messages is not None and sum(map(len, records)) < BPE_SAMPLE_BYTES:
+            records.append(canonical_text(it.messages))
         elif it.text is not None and sum(map(len, records)) < BPE_SAMPLE_BYTES:
             records.append(it.text if isinstance(it.text, str) else it.text.decode("utf-8", "replace"))
     if records:
@@ -117,7 +122,7 @@ def reusable(out: Path, key: str) -> dict | None:
 
 def check_config(data: DataConfig, force: bool = False) -> tuple[frozenset, Decontaminator | None]:
     data.validate()
-    check_sources(data.sources, columns(data))
+    check_sources(data.sources, columns(data), data.data_format)
     unknown = languages.check_languages(data.languages)
     if unknown:
         raise ConfigError(f"languages: unknown {unknown}; known: {', '.join(languages.KNOWN)}")
@@ -138,13 +143,16 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = F
     corpus = corpus_for_bpe(data, allowed) if model.tokenizer is None and model.random_init else None
     tok = load_tokenizer(model, corpus_files=corpus)
     check_fim_tokens(tok, data.fim_rate)
+    template = template_of(tok, data.chat_template)
+    if template.jinja and any(resolve(s, columns(data), data.data_format).format != "code" for s in data.sources):
+        check_template(template)
     inputs, n_files = input_fingerprint(data)
     key = run_key(data, tokenizer_fingerprint(tok), inputs)
     if (old := reusable(out, key)) is not None:
         return {**old, "reused": True}
     tmp = tmp_dir(out)
     try:
-        return _build(data, tok, key, allowed, decon, tmp, out, progress, n_files, t0)
+        return _build(data, tok, key, allowed, decon, tmp, out, progress, n_files, t0, template)
     except OSError as e:
         err = write_error(e, out, tmp)
         if err is None:
@@ -154,7 +162,7 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = F
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a success (swapped in)
 
 
-def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_files, t0) -> dict:
+def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_files, t0, template) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -166,7 +174,8 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
         allowed=allowed, redact=data.redact_secrets, near_dedup=data.near_dedup, num_perm=data.minhash_perms,
         shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok_json,
         special_ids=_fim_ids(tok), fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
-        fim_spm_rate=data.fim_spm_rate, seed=data.data_seed, group_near=data.val_fraction > 0)
+        fim_spm_rate=data.fim_spm_rate, seed=data.data_seed, group_near=data.val_fraction > 0,
+        chat_template=template)
     stats = Stats()
     workers = data.workers or os.cpu_count() or 1
     staging = Staging(tmp / "staging.bin", len(tok))
@@ -174,7 +183,8 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
     try:
         with _ticker(progress, n_files) as tick:
             outcome = pipeline.run(iter_items(data), setup, workers, data.dedup_threshold,
-                                   lambda kept, ids: staging.add(kept.units.values(), kept.doc_id, ids), stats, tick)
+                                   lambda kept, t: staging.add(kept.units.values(), kept.doc_id, t.ids, t.target),
+                                   stats, tick)
         if not len(staging):
             raise ConfigError(nothing_kept(stats, out))
         groups = np.array([outcome.group(d) for d in staging.groups], dtype=np.int64) if outcome.group else None
@@ -182,8 +192,7 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
         plan = split.plan(staging.unit_keys(), weights, groups, data.val_fraction)
         writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
         packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
-        for ids, is_val in zip(staging.documents(), plan.val.tolist()):
-            packers["val" if is_val else "train"].add_document(ids)
+        mixed = pack_splits(staging, plan.val, packers, data.mix)
         staging.close()
         n_val = int(plan.val.sum())
         stats.split_documents.update({"train": len(plan.val) - n_val, "val": n_val})
@@ -192,6 +201,8 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
         manifest = _manifest(data, tok, key, stats, metas, outcome.digest.hex(), time.time() - t0)
         manifest["tokenizer_info"]["encoder"] = encoder  # which path made the ids (both give the same)
         manifest["split"] = plan.to_manifest()
+        manifest["mix"] = mixed
+        manifest["chat_template"] = "tokenizer" if template.jinja else "plain"
         if data.write_report:
             from codetune.data.report import write_report
 

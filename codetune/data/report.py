@@ -86,6 +86,14 @@ def render_markdown(m: dict, stats: Stats, charts: list[tuple[str, str]]) -> str
         lines.append(f"| {split} | {docs.get(split, 0):,} | {meta['n_seq']:,} | {meta['n_tokens']:,} |")
     if sp := m.get("split"):
         lines += ["", split_sentence(sp) + "."]
+    if kinds := c.get("kinds"):
+        lines += ["", "| kind | seen | kept | dropped | tokens | tokens with loss |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {v['seen']:,} | {v['kept']:,} | {v['dropped']:,} | {v['tokens']:,} | {v['loss_tokens']:,} |"
+                  for k, v in kinds.items()]
+    if (mix := m.get("mix")) and mix.get("requested"):
+        lines += ["", "Mix (train tokens): asked " + ", ".join(f"{k} {v:.0%}" for k, v in mix["requested"].items())
+                  + "; packed " + ", ".join(f"{k} {v:.1%}" for k, v in mix["train_share"].items())
+                  + " (repeats: " + ", ".join(f"{k} x{v:g}" for k, v in mix["repeat"].items()) + ")"]
     lines += ["", "## Stages", "", "| stage | kept | dropped (by reason) | MB/s per core |", "|---|---:|---|---:|"]
     for name, st in c["stages"].items():
         dropped = ", ".join(f"{r}: {n:,}" for r, n in st["dropped"].items()) or "-"

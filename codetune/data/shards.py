@@ -7,10 +7,15 @@ Layout of a prepared data directory (one folder per split):
     data_dir/{train,val}/tokens.bin     N x seq_len token ids, raw, memory-mapped (no copy into RAM)
     data_dir/{train,val}/doc_starts.bin int32 offsets of document starts inside each sequence (CSR values)
     data_dir/{train,val}/doc_index.bin  int64 CSR row pointers, N + 1 entries
+    data_dir/{train,val}/n_real.bin     int32 real (non-pad) tokens per sequence
+    data_dir/{train,val}/loss_mask.bin  only where some token carries no loss (prompt/response pairs,
+                                        chat.py): N x ceil(seq_len / 8) bytes, np.packbits of a bool per
+                                        position, 1 = the token there is predicted with loss. Absent =
+                                        every token is (raw code; sets made before it existed).
 
 Why document starts: positions restart at each document and no loss is taken where the next token
 begins another document, so packing several files into one sequence doesn't teach the model that
-unrelated files follow each other.
+unrelated files follow each other. Why a loss mask: a pair teaches the response, not the prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import shutil
 import tempfile
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +51,21 @@ class ShardWriter:
         self.meta = {"dtype": self.dtype.name, "seq_len": seq_len, "vocab_size": vocab_size, **(extra_meta or {})}
         self._tok = open(self.tmp / "tokens.bin", "wb")
         self._starts = open(self.tmp / "doc_starts.bin", "wb")
+        self._mask = open(self.tmp / "loss_mask.bin", "wb")
+        self.masked = False  # some real token carries no loss: keep loss_mask.bin
         self._index = [0]
         self._n_real: list[int] = []
         self.n_seq = 0
         self.n_tokens = 0  # real (non-pad) tokens
 
-    def add(self, tokens: np.ndarray, doc_starts: list[int], n_real: int) -> None:
+    def add(self, tokens: np.ndarray, doc_starts: list[int], n_real: int, target: np.ndarray | None = None) -> None:
+        """`target`: bool per position, whether the token there carries loss (None: all real ones do)."""
         assert len(tokens) == self.seq_len and doc_starts and doc_starts[0] == 0
         self._tok.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        if target is None:
+            target = np.arange(self.seq_len) < n_real
+        self.masked = self.masked or not bool(target[:n_real].all())
+        self._mask.write(np.packbits(np.asarray(target, dtype=bool)).tobytes())
         self._starts.write(np.asarray(doc_starts, dtype=np.int32).tobytes())
         self._index.append(self._index[-1] + len(doc_starts))
         self._n_real.append(n_real)
@@ -62,6 +75,11 @@ class ShardWriter:
     def close(self) -> dict:
         self._tok.close()
         self._starts.close()
+        self._mask.close()
+        if self.masked:
+            self.meta["loss_mask"] = True
+        else:  # raw code only: the shards stay exactly what they were before masks existed
+            (self.tmp / "loss_mask.bin").unlink()
         np.asarray(self._index, dtype=np.int64).tofile(self.tmp / "doc_index.bin")
         np.asarray(self._n_real, dtype=np.int32).tofile(self.tmp / "n_real.bin")
         self.meta.update(n_seq=self.n_seq, n_tokens=self.n_tokens)
@@ -72,7 +90,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Never raises: it runs while another error is on its way up, and closing a file on a full disk
         fails again (its buffer cannot be flushed), which used to skip the removal below."""
-        for f in (self._tok, self._starts):
+        for f in (self._tok, self._starts, self._mask):
             try:
                 f.close()
             except OSError:
@@ -80,22 +98,37 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class StagedDoc:
+    ids: np.ndarray
+    target: np.ndarray | None  # bool per token, for a chat document; None: raw code, every token
+    chat: bool
+    key: int  # its file-level unit key (a 64-bit hash of its name or content)
+
+
 class Staging:
     """Kept documents' token ids, in input order, until the split is known: the split unit depends on
     how many repositories, directories and files were kept, which only the end of the pass tells. The
-    tokens go to one file (4 bytes per token at most, beside the shards); per document the parent
-    keeps 36 bytes (length, the three unit keys, the near-duplicate group)."""
+    tokens go to one file (4 bytes per token at most, beside the shards), chat documents' loss targets
+    to a second (1 byte per token); per document the parent keeps 37 bytes (length, the three unit
+    keys, the near-duplicate group, the kind)."""
 
     def __init__(self, path: Path, vocab_size: int):
         self.path, self.dtype = Path(path), token_dtype(vocab_size)
+        self.mask_path = self.path.with_name(self.path.name + ".mask")
         self._f = open(self.path, "wb")
-        self.lengths, self.keys, self.groups = array("I"), array("Q"), array("q")
+        self._m = open(self.mask_path, "wb")
+        self.lengths, self.keys, self.groups, self.chat = array("I"), array("Q"), array("q"), array("B")
 
-    def add(self, keys: tuple[int, int, int], group: int, ids: np.ndarray) -> None:
+    def add(self, keys: tuple[int, int, int], group: int, ids: np.ndarray, target: np.ndarray | None = None) -> None:
         self._f.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        if target is not None:
+            assert len(target) == len(ids)
+            self._m.write(np.asarray(target, dtype=np.uint8).tobytes())
         self.lengths.append(len(ids))
         self.keys.extend(keys)
         self.groups.append(group)
+        self.chat.append(target is not None)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -105,24 +138,33 @@ class Staging:
             else np.zeros((0, 3), dtype=np.uint64)
 
     def documents(self):
-        """Each document's ids, in order (reads the file once, memory-mapped)."""
+        """Each document as a StagedDoc, in order (reads the files once, memory-mapped)."""
         self._f.close()
+        self._m.close()
         if not len(self):
             return
         tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
-        pos = 0
-        for n in self.lengths:
-            yield tokens[pos:pos + n]
+        masks = np.memmap(self.mask_path, dtype=np.uint8, mode="r") if self.mask_path.stat().st_size else None
+        keys = self.unit_keys()[:, 2]
+        pos = mpos = 0
+        for n, chat, key in zip(self.lengths, self.chat, keys.tolist()):
+            target = None
+            if chat:
+                target = masks[mpos:mpos + n].astype(bool)
+                mpos += n
+            yield StagedDoc(tokens[pos:pos + n], target, bool(chat), key)
             pos += n
-        del tokens
+        del tokens, masks
 
     def close(self) -> None:
         """Never raises: also called while another error is on its way up (a full disk fails again here)."""
-        try:
-            self._f.close()
-        except OSError:
-            pass
+        for f in (self._f, self._m):
+            try:
+                f.close()
+            except OSError:
+                pass
         self.path.unlink(missing_ok=True)
+        self.mask_path.unlink(missing_ok=True)
 
 
 class Packer:
@@ -136,12 +178,16 @@ class Packer:
     def __init__(self, writer: ShardWriter, eos_id: int, pad_id: int):
         self.w, self.eos, self.pad = writer, eos_id, pad_id
         self.buf = np.empty(writer.seq_len, dtype=np.int64)
+        self.target = np.ones(writer.seq_len, dtype=bool)
         self.n = 0  # tokens in buf
         self.starts: list[int] = []
 
-    def add_document(self, ids) -> None:
+    def add_document(self, ids, target: np.ndarray | None = None) -> None:
+        """Raw code (`target` None) is followed by EOS and every token carries loss. A chat document
+        (`target`: bool per token) already ends with its end-of-turn token, so no EOS is added."""
         ids = np.asarray(ids, dtype=np.int64)
-        size, L = len(ids) + 1, self.w.seq_len  # + EOS
+        eos = target is None
+        size, L = len(ids) + eos, self.w.seq_len
         pos = 0
         while pos < size:
             if self.n == 0 or pos == 0:
@@ -149,8 +195,10 @@ class Packer:
             take = min(L - self.n, size - pos)
             body = min(pos + take, len(ids)) - pos  # of which real ids; the rest is the EOS
             self.buf[self.n:self.n + body] = ids[pos:pos + body]
+            self.target[self.n:self.n + body] = True if target is None else target[pos:pos + body]
             if body < take:
                 self.buf[self.n + body] = self.eos
+                self.target[self.n + body] = True
             self.n += take
             pos += take
             if self.n == L:
@@ -164,7 +212,8 @@ class Packer:
         if n_real < self.w.seq_len:
             starts = starts + [n_real]  # padding is its own "document": no attention into it, no loss
             self.buf[n_real:] = self.pad
-        self.w.add(self.buf, sorted(set(starts)), n_real)
+            self.target[n_real:] = False
+        self.w.add(self.buf, sorted(set(starts)), n_real, self.target)
         self.n, self.starts = 0, []
 
     def finish(self) -> dict:
@@ -193,6 +242,10 @@ class PackedDataset(torch.utils.data.Dataset):
         self.starts = np.fromfile(self.dir / "doc_starts.bin", dtype=np.int32)
         self.index = np.fromfile(self.dir / "doc_index.bin", dtype=np.int64)
         self.n_real = np.fromfile(self.dir / "n_real.bin", dtype=np.int32)
+        self.mask = None
+        if self.meta.get("loss_mask") and n:
+            self.mask = np.memmap(self.dir / "loss_mask.bin", dtype=np.uint8, mode="r",
+                                  shape=(n, -(-self.seq_len // 8)))
         if len(self.index) != n + 1 or len(self.n_real) != n:
             raise ValueError(f"{self.dir} is damaged: doc_index has {len(self.index)} rows for {n} sequences; "
                              "re-run `codetune prepare`")
@@ -206,10 +259,17 @@ class PackedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         ids = torch.from_numpy(self.tokens[i].astype(np.int64))
         starts = self.doc_starts(i)
-        return {"input_ids": ids, **positions_and_labels(ids, starts, int(self.n_real[i]))}
+        return {"input_ids": ids, **positions_and_labels(ids, starts, int(self.n_real[i]), self.target(i))}
+
+    def target(self, i: int) -> np.ndarray | None:
+        """Bool per position of sequence i: the token there carries loss; None when every one does."""
+        if self.mask is None:
+            return None
+        return np.unpackbits(self.mask[i], count=self.seq_len).astype(bool)
 
 
-def positions_and_labels(ids: torch.Tensor, starts, n_real: int) -> dict:
+def positions_and_labels(ids: torch.Tensor, starts, n_real: int, target: np.ndarray | None = None) -> dict:
+    """`target`: where not None, labels[t] is IGNORE unless the token at t + 1 carries loss (a prompt)."""
     L = len(ids)
     seg = torch.zeros(L, dtype=torch.long)
     starts_t = torch.as_tensor(np.asarray(starts), dtype=torch.long)
@@ -221,6 +281,8 @@ def positions_and_labels(ids: torch.Tensor, starts, n_real: int) -> dict:
     labels[:-1] = ids[1:]
     labels[:-1][seg[1:] != seg[:-1]] = IGNORE  # next token starts another document
     labels[max(n_real - 1, 0):] = IGNORE  # nothing to predict into or on padding
+    if target is not None:
+        labels[:-1][~torch.from_numpy(np.ascontiguousarray(target[1:]))] = IGNORE
     return {"position_ids": position_ids, "labels": labels}
 
 

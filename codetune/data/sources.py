@@ -9,6 +9,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,6 +38,11 @@ class Item:
     file: str | None = None  # absolute path to read, for files
     text: str | bytes | None = None  # content, for records
     license: str | None = None
+    messages: tuple | None = None  # a conversation (chat.Message records), for prompt/response rows
+
+    @property
+    def kind(self) -> str:
+        return "code" if self.messages is None else "chat"
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Drop:
     source: str
     path: str
     reason: str
+    kind: str = "code"  # "chat" for a row of a prompt/response source
 
 
 @dataclass
@@ -53,9 +60,11 @@ class Columns:
     path: str | None = None
     repo: str | None = None
     license: str | None = None
+    format: str = "code"  # a chat.FORMATS shape, resolved per source (resolve())
+    body: tuple[str, ...] = ()  # the columns of that shape present in the source; () = (content,)
 
     def names(self) -> list[str]:
-        return [c for c in (self.content, self.path, self.repo, self.license) if c]
+        return [c for c in (*(self.body or (self.content,)), self.path, self.repo, self.license) if c]
 
 
 def kind_of(src: str) -> str:
@@ -69,38 +78,59 @@ def kind_of(src: str) -> str:
     return "path"
 
 
-def check_sources(sources: list[str], cols: Columns) -> None:
-    """Fail fast on a missing source or a column that a tabular source lacks."""
-    import pyarrow.parquet as pq
-
+def check_sources(sources: list[str], cols: Columns, requested: str = "auto") -> None:
+    """Fail fast on a missing source, a tabular source of no known shape, or a column it lacks."""
     if not sources:
         raise ConfigError("no sources: pass directories, git trees, .jsonl/.parquet files or hf:NAME datasets "
                           "(e.g. --sources ~/code/myrepo)")
     for src in sources:
         kind = kind_of(src)
-        if kind == "hf":
-            _check_hf(src, cols)
-            continue
-        p = Path(src).expanduser()
-        if not p.exists():
+        if kind != "hf" and not Path(src).expanduser().exists():
             raise ConfigError(f"source {src!r} does not exist; give a directory, a git tree, a .jsonl or .parquet "
                               "file, or hf:NAME")
-        if kind == "parquet":
-            try:
-                names = pq.read_schema(p).names
-            except Exception:  # a broken file is bad input, not bad configuration: counted when read
-                continue
-            _check_columns(src, names, cols)
-        elif kind == "jsonl":
-            try:
-                first = _first_json_line(p)
-            except (OSError, EOFError, zlib.error):  # damaged (e.g. a truncated .gz): counted when read
-                if not os.access(p, os.R_OK):
-                    raise ConfigError(f"source {src!r} cannot be read (permission denied); fix its permissions or "
-                                      "leave it out of --sources") from None
-                continue
-            if first is not None:
-                _check_columns(src, list(first), cols)
+        names = column_names(src)
+        if names is not None:
+            _check_columns(src, names, _shaped(src, names, cols, requested))
+
+
+def column_names(src: str) -> list[str] | None:
+    """A tabular source's columns (from its schema or first row); None for a folder, or for a file
+    too damaged to tell (bad input, not bad configuration: counted when read)."""
+    import pyarrow.parquet as pq
+
+    kind, p = kind_of(src), Path(src).expanduser()
+    if kind == "hf":
+        return _hf_names(src)
+    if kind == "parquet":
+        try:
+            return pq.read_schema(p).names
+        except Exception:
+            return None
+    if kind == "jsonl":
+        try:
+            first = _first_json_line(p)
+        except (OSError, EOFError, zlib.error):  # damaged (e.g. a truncated .gz)
+            if not os.access(p, os.R_OK):
+                raise ConfigError(f"source {src!r} cannot be read (permission denied); fix its permissions or "
+                                  "leave it out of --sources") from None
+            return None
+        return list(first) if first is not None else None
+    return None
+
+
+def _shaped(src: str, names: list[str], cols: Columns, requested: str) -> Columns:
+    from codetune.data import chat
+
+    fmt, body = chat.detect(src, names, requested, cols.content)
+    return dataclasses.replace(cols, format=fmt, body=body if fmt != "code" else ())
+
+
+def resolve(src: str, cols: Columns, requested: str = "auto") -> Columns:
+    """The columns to read `src` with, its row shape included (a folder is always code)."""
+    names = column_names(src) if kind_of(src) != "path" else None
+    if names is None:
+        return cols
+    return _shaped(src, names, cols, requested)
 
 
 def _check_columns(src: str, names: list[str], cols: Columns) -> None:
@@ -259,8 +289,17 @@ def _errno_reason(e: OSError) -> str:
 
 
 def _record(src: str, row: dict, cols: Columns, n: int) -> Item | Drop:
-    text = row.get(cols.content)
     path = row.get(cols.path) if cols.path else None
+    if cols.format != "code":
+        from codetune.data.chat import to_messages
+
+        msgs = to_messages(row, cols.format)
+        if isinstance(msgs, str):
+            return Drop(src, str(path or f"row {n}"), msgs, kind="chat")
+        return Item(src, str(path) if path is not None else None,
+                    str(row[cols.repo]) if cols.repo and row.get(cols.repo) is not None else None, messages=msgs,
+                    license=str(row[cols.license]) if cols.license and row.get(cols.license) else None)
+    text = row.get(cols.content)
     if not isinstance(text, (str, bytes)):
         return Drop(src, str(path or f"row {n}"), "no_content")
     return Item(src, str(path) if path is not None else None,
@@ -309,7 +348,7 @@ def hf_args(src: str) -> tuple[str, dict]:
     return name, kw
 
 
-def _check_hf(src: str, cols: Columns) -> None:
+def _hf_names(src: str) -> list[str] | None:
     """Open the stream and read one row: a wrong name or column fails here, not mid-run."""
     import datasets
 
@@ -321,8 +360,7 @@ def _check_hf(src: str, cols: Columns) -> None:
     except Exception as e:
         raise ConfigError(f"source {src!r}: cannot open the dataset ({type(e).__name__}: {e}); check the name, "
                           "or download it and use hf:parquet@FILES") from None
-    if row is not None:
-        _check_columns(src, list(row), cols)
+    return list(row) if row is not None else None
 
 
 def iter_hf(src: str, cols: Columns) -> Iterator[Item | Drop]:

@@ -28,8 +28,10 @@ class Stats:
     dedup_indexed: int = 0
     input_bytes: int = 0
     files_seen: int = 0
+    kinds: dict = field(default_factory=lambda: defaultdict(Counter))  # code/chat -> seen, kept, dropped, tokens
 
-    def drop(self, stage: str, reason: str, n_bytes: int = 0) -> None:
+    def drop(self, stage: str, reason: str, n_bytes: int = 0, kind: str = "code") -> None:
+        self.kinds[kind]["dropped"] += 1
         self.dropped[stage][reason] += 1
         self.dropped_bytes[f"{stage}:{reason}"] += n_bytes
 
@@ -49,4 +51,6 @@ class Stats:
         return {"files_seen": self.files_seen, "input_bytes": self.input_bytes, "stages": stages,
                 "languages": dict(self.languages.most_common()), "redactions": dict(sorted(self.redactions.items())),
                 "fim": dict(sorted(self.fim_modes.items())),
-                "split_documents": dict(sorted(self.split_documents.items())), "contaminated": self.contaminated}
+                "split_documents": dict(sorted(self.split_documents.items())), "contaminated": self.contaminated,
+                "kinds": {k: {f: v[f] for f in ("seen", "kept", "dropped", "tokens", "loss_tokens")}
+                          for k, v in sorted(self.kinds.items())}}

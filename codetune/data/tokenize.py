@@ -21,7 +21,7 @@ class PieceEncoder:
         from tokenizers import Tokenizer
 
         self.special = {k: np.asarray([v], dtype=np.uint32) for k, v in special_ids.items()}
-        self.fast = None
+        self.fast, self.json, self._markup = None, tokenizer_json, None
         if fast:  # verified once in the parent (fastbpe.build), and inherited from it when forked
             from codetune.data import fastbpe
 
@@ -31,13 +31,22 @@ class PieceEncoder:
         self.tk.encode_special_tokens = True
         self._batch = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)  # no offsets: faster
 
-    def _texts(self, texts: list[str]) -> list[np.ndarray]:
+    def texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids of plain text: special-token strings in it stay text."""
         if self.fast is not None:
             return [self.fast.encode(t) for t in texts]
         return [np.asarray(e.ids, dtype=np.uint32) for e in self._batch(texts, add_special_tokens=False)]
 
+    def template_texts(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids of chat markup (chat.py), where special-token strings are the control tokens they name."""
+        if self._markup is None:
+            from tokenizers import Tokenizer
+
+            self._markup = Tokenizer.from_str(self.json)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in self._markup.encode_batch(texts, add_special_tokens=False)]
+
     def encode(self, docs: list[FimPieces]) -> list[np.ndarray]:
-        encs = iter(self._texts([text for d in docs for _, text in d.parts]))
+        encs = iter(self.texts([text for d in docs for _, text in d.parts]))
         out = []
         for d in docs:
             arrays = []
