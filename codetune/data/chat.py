@@ -218,4 +218,5 @@ def prompt_ids(tok, msgs, choice: str = "auto") -> np.ndarray:
 
     t = template_of(tok, choice)
     enc = PieceEncoder(tok.backend_tokenizer.to_str(), {})
-    return encode(render(tuple(msgs), t, add_generation_prompt=True), enc).ids
+    msgs = tuple(m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in msgs)  # (OpenAI dicts too)
+    return encode(render(msgs, t, add_generation_prompt=True), enc).ids

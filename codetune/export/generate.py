@@ -24,6 +24,9 @@ CLI_FLAGS = [
     (("--prompt",), dict(metavar="TEXT", help="text to continue; @FILE reads a file, - reads stdin")),
     (("--prefix",), dict(metavar="TEXT", help="fill-in-the-middle: code before the gap (@FILE reads a file)")),
     (("--suffix",), dict(metavar="TEXT", help="fill-in-the-middle: code after the gap (@FILE reads a file)")),
+    (("--chat",), dict(metavar="TEXT", help="a user message, answered as a chat model: rendered exactly as "
+                                              "`prepare` rendered the chat rows the adapter trained on (@FILE reads "
+                                              "a file)")),
     (("--max-new-tokens",), dict(type=int, default=128, help="tokens to generate at most")),
     (("--temperature",), dict(type=float, default=0.0, help="sampling temperature; 0 = greedy")),
     (("--top-p",), dict(type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
@@ -38,7 +41,7 @@ CLI_FLAGS = [
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torch.device,
                        model_cfg_given: bool = False):
-    """(model, tokenizer) ready for decoding. With an adapter, its codetune.json says how to rebuild the
+    """(model, tokenizer, the adapter's run info or {}) ready for decoding. With an adapter, its codetune.json says how to rebuild the
     base (unless --model was given explicitly); `model_cfg.precision` picks nf4/int8/bf16/fp32 (auto: nf4
     on a GPU, fp32 on the CPU)."""
     from codetune.model.load import check_vocab, load_model, load_tuned, padded_vocab
@@ -47,8 +50,9 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torc
     if adapter:
         if not Path(adapter).is_dir():
             raise ConfigError(f"--adapter {adapter}: no such directory; point it at <run>/adapter")
-        model, tok, _ = load_tuned(adapter, device, precision=model_cfg.precision,
-                                   model_cfg=model_cfg if model_cfg_given else None)
+        model, tok, info = load_tuned(adapter, device, precision=model_cfg.precision,
+                                      model_cfg=model_cfg if model_cfg_given else None)
+        return model, tok, info
     else:
         tok = load_tokenizer(model_cfg)  # (a TokenizerError is a ConfigError: one line)
         # a random-init model is sized to its tokenizer, as `codetune train` builds it
@@ -56,7 +60,16 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torc
         model, _ = load_model(model_cfg, device, vocab_size=vocab)
         check_vocab(model, tok)
         model.eval()
-    return model, tok
+    return model, tok, {}
+
+
+def chat_ids(tok, text: str, info: dict) -> list[int]:
+    """Prompt ids for one user message: the rendering `prepare` used for the chat rows the adapter trained on
+    (its manifest's choice: the tokenizer's template, or the plain one), so training and inference agree."""
+    from codetune.data.chat import prompt_ids as chat_prompt_ids
+
+    choice = "plain" if (info.get("data_manifest") or {}).get("chat_template") == "plain" else "auto"
+    return [int(i) for i in chat_prompt_ids(tok, [{"role": "user", "content": text}], choice)]
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
@@ -81,13 +94,14 @@ def read_arg(value: str | None) -> str | None:
 
 
 def run(cfgs: dict, ns: argparse.Namespace) -> int:
-    prompt, prefix, suffix = read_arg(ns.prompt), read_arg(ns.prefix), read_arg(ns.suffix)
+    prompt, prefix, suffix, chat = read_arg(ns.prompt), read_arg(ns.prefix), read_arg(ns.suffix), read_arg(ns.chat)
     fim = prefix is not None or suffix is not None
-    if fim and prompt is not None:
-        raise ConfigError("give either --prompt (continue text) or --prefix/--suffix (fill in the middle), not both")
-    if not fim and prompt is None:
+    if sum((fim, prompt is not None, chat is not None)) > 1:
+        raise ConfigError("give one of --prompt (continue text), --prefix/--suffix (fill in the middle) or --chat "
+                          "(answer a message)")
+    if not fim and prompt is None and chat is None:
         raise ConfigError("nothing to complete: pass --prompt TEXT, or --prefix TEXT and --suffix TEXT for "
-                          "fill-in-the-middle (@FILE reads a file)")
+                          "fill-in-the-middle, or --chat TEXT (@FILE reads a file)")
     params = SamplingParams(max_new_tokens=ns.max_new_tokens, temperature=ns.temperature, top_p=ns.top_p,
                             top_k=ns.top_k, repetition_penalty=ns.repetition_penalty, stop=ns.stop, seed=ns.seed)
     try:
@@ -95,8 +109,11 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     device = pick_device(ns.device)
-    model, tok = load_for_inference(cfgs["model"], ns.adapter, device, model_cfg_given=hasattr(ns, "model.model"))
-    ids = fim_ids(tok, prefix or "", suffix or "") if fim else prompt_ids(tok, prompt)
+    model, tok, info = load_for_inference(cfgs["model"], ns.adapter, device, model_cfg_given=hasattr(ns, "model.model"))
+    if chat is not None:
+        ids = chat_ids(tok, chat, info)  # (the answer ends at EOS, which both templates put after a response)
+    else:
+        ids = fim_ids(tok, prefix or "", suffix or "") if fim else prompt_ids(tok, prompt)
     room = max_context(model) - len(ids)
     if room < 1:
         raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {max_context(model)}: shorten it")

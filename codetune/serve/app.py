@@ -284,7 +284,7 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     if not is_loopback(ns.host) and not api_key:
         print(f"codetune serve: warning: listening on {ns.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)
-    model, tok = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
+    model, tok, _ = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
                                     model_cfg_given=hasattr(ns, "model.model"))
     engine = Engine(model, tok, max_pending=limits.max_pending)
     app = create_app(engine, ns.served_model_name, limits, api_key)

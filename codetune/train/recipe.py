@@ -144,7 +144,7 @@ def setup(cfgs: dict) -> Run:
     out = Path(tcfg.out_dir)
     info = {"model": dataclasses.asdict(mcfg), "vocab_size": model.get_input_embeddings().weight.shape[0],
             "init_seed": 0, "method": acfg.method, "adapter": dataclasses.asdict(acfg),
-            "train": dataclasses.asdict(tcfg), "data_manifest": {k: manifest.get(k) for k in ("sources", "counts", "splits", "run_key")},
+            "train": dataclasses.asdict(tcfg), "data_manifest": {k: manifest.get(k) for k in ("sources", "counts", "splits", "run_key", "chat_template")},
             "trainable_params": trainable, "total_params": total}
     return Run(cfgs, accelerator, device, model, loss_fn, tokenizer, optimizer, scheduler, stream, val_ds, out,
                info, offloader)

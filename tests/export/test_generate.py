@@ -95,7 +95,24 @@ def test_cli_base_model_needs_a_tokenizer(capsys):
 
 def test_cli_refuses_prompt_with_prefix(capsys):
     assert main(["generate", "--prompt", "x", "--prefix", "y", "--device", "cpu"]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert "give one of --prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--chat", "y", "--device", "cpu"]) == 2
+
+
+def test_chat_renders_as_prepare_rendered_the_training_rows(tuned, lora_adapter, capsys):
+    """--chat feeds the model the ids `prepare` would give the same conversation up to the answer, in the
+    rendering recorded with the adapter's data (plain template here: the tiny tokenizer has none)."""
+    from codetune.data.chat import prompt_ids as chat_prompt_ids
+    from codetune.export.generate import chat_ids
+
+    _, tok = tuned
+    msgs = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    for recorded, choice in ((None, "auto"), ("plain", "plain")):
+        info = {"data_manifest": {"chat_template": recorded}}
+        assert chat_ids(tok, msgs[0]["content"], info) == [int(i) for i in chat_prompt_ids(tok, msgs, choice)]
+    assert main(["generate", "--adapter", str(lora_adapter), "--chat", msgs[0]["content"], "--device", "cpu",
+                 "--max-new-tokens", "3"]) == 0
+    assert "finish:" in capsys.readouterr().err
 
 
 def test_streamed_text_equals_one_shot_decode(tuned):

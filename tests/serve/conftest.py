@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory):  # after the autouse codetune_cache
     from codetune.export.generate import load_for_inference
 
     adapter = build_tiny_adapter(tmp_path_factory.mktemp("run") / "adapter")
-    return load_for_inference(ModelConfig(), str(adapter), torch.device("cpu"))
+    return load_for_inference(ModelConfig(), str(adapter), torch.device("cpu"))[:2]
 
 
 @contextmanager
