@@ -51,20 +51,27 @@ def docs_from_dir(root: str | Path) -> list[tuple[str, str]]:
 
 
 def docs_from_val(data_dir: str | Path, tok, max_docs: int = 2000) -> list[tuple[str, str]]:
-    """Documents of the prepared val split, decoded back to text. Documents that `prepare` rewrote into
-    FIM order are skipped: their middle is already visible, so they would make the task trivial."""
+    """Documents of the prepared val split, decoded back to text. Skipped: documents that `prepare` rewrote
+    into FIM order (their middle is already visible, so they would make the task trivial) and chat samples
+    (prompt/response pairs, whose prompt tokens carry no loss: not code to fill in)."""
     from codetune.data.shards import PackedDataset
 
     ds = PackedDataset(data_dir, "val")
     special = {tok.convert_tokens_to_ids(t) for t in registry.SPECIAL_TOKENS} - {tok.eos_token_id}
     out = []
+    carry = False  # the previous sequence ended inside a chat sample, which this one's first part continues
     for i in range(len(ds)):
         ids = ds.tokens[i].tolist()
         n_real = int(ds.n_real[i])
         bounds = [int(s) for s in ds.doc_starts(i)] + [n_real]
-        for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        target = ds.target(i)
+        pieces = list(zip(bounds[:-1], bounds[1:]))
+        for j, (a, b) in enumerate(pieces):
+            chat = target is not None and (not target[a:min(b, n_real)].all() or (j == 0 and carry))
+            if j == len(pieces) - 1:
+                carry = chat and n_real == ds.seq_len
             seg = [t for t in ids[a:min(b, n_real)] if t != tok.eos_token_id]
-            if not seg or special.intersection(seg):
+            if chat or not seg or special.intersection(seg):
                 continue
             out.append((f"val[{i}].doc{j}", tok.decode(seg)))
             if len(out) >= max_docs:

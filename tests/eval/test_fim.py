@@ -73,3 +73,22 @@ def test_evaluate_on_tiny_model(tiny_model, tokenizer, tmp_path):
     for k in out.values():
         assert 0 <= k["exact_match"] <= 1 and 0 <= k["edit_similarity"] <= 1
     assert len((tmp_path / "fim.jsonl").read_text().splitlines()) == len(tasks)
+
+
+def test_chat_samples_of_the_val_split_are_not_fim_tasks(tmp_path, stdlib):
+    """Prompt/response pairs in the val split are not code to fill in: docs_from_val leaves them out, the
+    parts of a sample that packing carried into the next sequence (all answer, so all loss) included."""
+    from codetune.cli import main
+    from codetune.config import ModelConfig
+    from codetune.data.shards import PackedDataset
+    from codetune.data.stdlib_pairs import write_pairs
+    from codetune.model.tokenizer import load_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    assert write_pairs(pairs, stdlib / "json", 40) > 5
+    data = tmp_path / "data"
+    assert main(["prepare", str(pairs), "--data-dir", str(data), "--random-init", "--seq-len", "128",
+                 "--val-fraction", "0.3", "--workers", "1"]) == 0
+    assert len(PackedDataset(data, "val")) > 0
+    tok = load_tokenizer(ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(data / "tokenizer")))
+    assert fim.docs_from_val(data, tok) == []
