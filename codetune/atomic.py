@@ -137,3 +137,18 @@ def ensure_free_space(path: Path, need: int, elsewhere: str = "write somewhere e
     if free < need:
         raise ConfigError(f"not enough space to write {path}: it needs about {gib(need)} and its disk has "
                           f"{gib(free)} free; free space there or {elsewhere}")
+
+
+def own_output_dir(path: Path, marker: str, command: str, flag: str) -> Path:
+    """Make `path` the output folder of `command`: a new or empty folder, or one holding `marker` (the file
+    this function leaves in every folder it makes, so the command's own earlier outputs may be replaced).
+    A folder with other contents, or a file, is refused in one line: nothing of the user's is written over."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p} is a file, not a folder: choose a folder for {command}'s outputs")
+    if p.is_dir() and any(p.iterdir()) and not (p / marker).is_file():
+        raise ConfigError(f"{flag} {p} holds files that `{command}` did not write; choose a new or empty "
+                          f"{flag} (nothing was changed)")
+    p.mkdir(parents=True, exist_ok=True)
+    (p / marker).touch()
+    return p

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from codetune import registry
-from codetune.atomic import write_text
+from codetune.atomic import own_output_dir, write_text
 from codetune.config import ConfigError, ModelConfig, to_dict
 from codetune.model.load import pick_device
 
@@ -125,6 +125,9 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+EVAL_MARKER = ".codetune-eval"  # in every folder eval writes: see atomic.own_output_dir
+
+
 def run(cfgs: dict, ns) -> int:
     from codetune.eval.loss import check_tokenizer
     from codetune.eval.report import write_report
@@ -136,8 +139,8 @@ def run(cfgs: dict, ns) -> int:
         raise ConfigError(f"no prepared validation split in {data_dir!r} (needed by the loss suite and by FIM "
                           "without --fim-source): run `codetune prepare`, pass --data-dir, or choose "
                           "--suites humaneval / --fim-source DIR")
-    out_dir = Path(ecfg.eval_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # a folder of eval's own (earlier results in it are replaced), or a new one; never a user's folder
+    out_dir = own_output_dir(Path(ecfg.eval_dir), EVAL_MARKER, "codetune eval", "--eval-dir")
     device = pick_device("auto")
     t0 = time.perf_counter()
     info = None

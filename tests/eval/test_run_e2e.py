@@ -68,6 +68,16 @@ def test_base_model_humaneval_only_needs_no_data(tmp_path, shared_tokenizer_path
     assert rc == 0
     assert json.loads((out / "results.json").read_text())["models"]["base"]["humaneval"]["greedy"]["problems"] == 2
     assert (out / "report.md").exists()
+    # a second eval may replace eval's own earlier results; a folder of the user's is refused, untouched
+    assert main(["eval", "--model", "tiny-stablelm", "--tokenizer", str(shared_tokenizer_path), "--suites",
+                 "humaneval", "--data-dir", str(tmp_path / "none"), "--eval-dir", str(out), "--limit", "1",
+                 "--max-new-tokens", "4"]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes")
+    assert main(["eval", "--model", "tiny-stablelm", "--tokenizer", str(shared_tokenizer_path), "--suites",
+                 "humaneval", "--eval-dir", str(mine), "--limit", "1"]) == 2
+    assert (mine / "report.md").read_text() == "my own notes" and sorted(p.name for p in mine.iterdir()) == ["report.md"]
 
 
 def test_missing_validation_split_is_a_clear_error(tmp_path, capsys, shared_tokenizer_path):
