@@ -73,8 +73,13 @@ class PeakMeter:
             p["reserved"] = max(p["reserved"], torch.cuda.max_memory_reserved(self.device))
 
     def summary(self) -> dict:
-        """{train,val}_peak_{alloc,reserved}_gib of the phases seen so far."""
-        return {f"{name}_peak_{kind}_gib": gib(v) for name, p in self.peaks.items() for kind, v in p.items()}
+        """{train,val}_peak_{alloc,reserved}_gib of the phases seen so far, and peak_{alloc,reserved}_gib over
+        all of them (the allocator's own peak counters only cover the phase in progress)."""
+        out = {f"{name}_peak_{kind}_gib": gib(v) for name, p in self.peaks.items() for kind, v in p.items()}
+        for kind in ("alloc", "reserved"):
+            if self.peaks:
+                out[f"peak_{kind}_gib"] = gib(max(p[kind] for p in self.peaks.values()))
+        return out
 
 
 def explain_oom(cfgs: dict, device: torch.device) -> str:

@@ -263,9 +263,7 @@ def fit(run: Run) -> dict:
     log = MetricsLog(run.out_dir, tcfg.tensorboard, run.start_step, enabled=main_proc)
     bar = Progress(tcfg.steps, run.start_step, enabled=tcfg.progress and main_proc)
     best, bad_evals, last = float("inf"), 0, {}
-    tokens_seen, t0 = 0, time.perf_counter()
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
+    tokens_seen, t0 = 0, time.perf_counter()  # (peak memory: run.peaks, reset per phase by PeakMeter)
 
     def totals() -> dict:  # the whole run's, across resumed sessions
         prev = run.start_totals
@@ -297,7 +295,8 @@ def fit(run: Run) -> dict:
                     raise Diverged(step + 1, f"the loss is {rec['loss']}", run.out_dir)
                 dt = time.perf_counter() - ts
                 tokens_seen += rec["tokens"]
-                rec.update(step=step + 1, tok_per_s=round(rec["tokens"] / dt, 1), **snapshot(run.device))
+                rec.update(step=step + 1, tok_per_s=round(rec["tokens"] / dt, 1),
+                           **{**snapshot(run.device), **run.peaks.summary()})  # (run-wide peaks, not the phase's)
                 done = step + 1
                 if tcfg.eval_every and done % tcfg.eval_every == 0:
                     rec.update(validate(run))
@@ -343,7 +342,7 @@ def fit(run: Run) -> dict:
             "this_session": {"from_step": run.start_step, "steps": final - run.start_step, "tokens": tokens_seen,
                              "seconds": round(elapsed, 1)},
             "final_loss": last.get("loss", log.last("loss")), "val_loss": val, "cuda_graphs": graphs,
-            **snapshot(run.device)}
+            **snapshot(run.device), **run.peaks.summary()}
 
 
 def finish(run: Run, summary: dict) -> None:
