@@ -41,25 +41,23 @@ CLI_FLAGS = [
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torch.device,
                        model_cfg_given: bool = False):
-    """(model, tokenizer, the adapter's run info or {}) ready for decoding. With an adapter, its codetune.json says how to rebuild the
-    base (unless --model was given explicitly); `model_cfg.precision` picks nf4/int8/bf16/fp32 (auto: nf4
-    on a GPU, fp32 on the CPU)."""
+    """(model, tokenizer, the adapter's run info or {}) ready for decoding. With an adapter, its codetune.json
+    says how to rebuild the base (unless --model was given explicitly); `model_cfg.precision` picks
+    nf4/int8/bf16/fp32 (auto: nf4 on a GPU, fp32 on the CPU)."""
     from codetune.model.load import check_vocab, load_model, load_tuned, padded_vocab
     from codetune.model.tokenizer import load_tokenizer
 
     if adapter:
         if not Path(adapter).is_dir():
             raise ConfigError(f"--adapter {adapter}: no such directory; point it at <run>/adapter")
-        model, tok, info = load_tuned(adapter, device, precision=model_cfg.precision,
-                                      model_cfg=model_cfg if model_cfg_given else None)
-        return model, tok, info
-    else:
-        tok = load_tokenizer(model_cfg)  # (a TokenizerError is a ConfigError: one line)
-        # a random-init model is sized to its tokenizer, as `codetune train` builds it
-        vocab = padded_vocab(tok) if model_cfg.random_init else None
-        model, _ = load_model(model_cfg, device, vocab_size=vocab)
-        check_vocab(model, tok)
-        model.eval()
+        return load_tuned(adapter, device, precision=model_cfg.precision,
+                          model_cfg=model_cfg if model_cfg_given else None)
+    tok = load_tokenizer(model_cfg)  # (a TokenizerError is a ConfigError: one line)
+    # a random-init model is sized to its tokenizer, as `codetune train` builds it
+    vocab = padded_vocab(tok) if model_cfg.random_init else None
+    model, _ = load_model(model_cfg, device, vocab_size=vocab)
+    check_vocab(model, tok)
+    model.eval()
     return model, tok, {}
 
 

@@ -117,6 +117,10 @@ class GraphBank:
         self.calls: dict = {}             # GraphedCall per key
         self.holders: list = []           # everything holding graphs: cleared on a new shape
 
+    def graphed(self, tokens: int) -> bool:
+        """Will micro-batches of `tokens` tokens be graphed (while graphs are still on for this run)?"""
+        return self.enabled and graphs_for(self.mode, tokens)
+
     def call(self, key, fn) -> GraphedCall:
         """The GraphedCall of fn under `key` (made on first use; fn must depend only on what key names)."""
         c = self.calls.get(key)

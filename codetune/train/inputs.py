@@ -43,9 +43,7 @@ def batch_inputs(batch: dict, device: torch.device, graphs=None) -> dict:
     spans (model/attention.py), computed here on the CPU so no step waits on the GPU for them; in the fixed
     shapes CUDA graphs need where the model's layers replay as graphs at this size (`graphs`: its bank)."""
     from codetune.model.attention import document_spans, spans_to
-    from codetune.model.graphs import graphs_for
 
-    tokens = batch["input_ids"].numel()
-    static = graphs is not None and graphs.enabled and graphs_for(graphs.mode, tokens)
+    static = graphs is not None and graphs.graphed(batch["input_ids"].numel())
     spans = spans_to(document_spans(batch["position_ids"], static=static), device)
     return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **spans}
