@@ -51,6 +51,8 @@ def table(results: list[dict]) -> list[str]:
     peers = {("unsloth", key(r)): r for r in results if r.get("peer") == "unsloth"}
     peers.update({("hf", key(r)): r for r in results if r.get("peer") == "hf-peft-bnb"})
     ours = [r for r in results if r.get("engine") == "codetune" and "tokens_per_s" in r]
+    if not ours and not peers:
+        return []
     out = ["| configuration | codetune tok/s | reserved GiB | (reserved − allocated) / allocated | vs Unsloth speed "
            "| vs Unsloth memory | vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["quant"], r.get("last_layers", 0), r["seq"])):
