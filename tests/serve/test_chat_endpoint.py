@@ -91,6 +91,18 @@ def test_template_lookup():
     assert "cannot render a conversation" in chat_support(dropping, {}).refusal
 
 
+def test_a_merged_model_carries_its_adapters_rendering(tmp_path):
+    """`codetune merge` copies codetune.json beside the merged model: serving it with --model reads it."""
+    import json
+
+    from codetune.export.generate import _merged_info
+
+    (tmp_path / "codetune.json").write_text(json.dumps(dict(TRAINED_PLAIN, merged_from="runs/x/adapter")))
+    assert chat_rendering(tiny_tokenizer(), _merged_info(str(tmp_path))).known
+    (tmp_path / "codetune.json").write_text("{cut sho")
+    assert _merged_info(str(tmp_path)) == {} and _merged_info("tiny-stablelm") == {}
+
+
 def test_chat_prompt_is_the_training_rendering(chat_server, monkeypatch):
     model, tok = chat_server.engine.model, chat_server.engine.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -178,6 +190,8 @@ def test_limits_and_their_messages_are_the_completions_ones(chat_server):
     err = _error(chat_server, "/v1/chat/completions", {"messages": long, "max_tokens": 10})
     assert (err["code"], err["param"]) == ("context_length_exceeded", "messages")
     assert err["message"].startswith("This model's maximum context length is")
+    huge = _error(chat_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70000}]})
+    assert huge["code"] == "context_length_exceeded" and "your messages are 70000 bytes" in huge["message"]
     for body, field in (({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
                         ({"messages": MSGS, "tools": [{"type": "function"}]}, "tools"),
