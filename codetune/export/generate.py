@@ -1,8 +1,8 @@
 """`codetune generate`: complete a prompt, or fill in the middle between --prefix and --suffix, with the
 base model alone or base + adapter (unmerged), in 4-bit on a GPU or bf16/fp32; tokens stream to stdout.
 
-Also the loading entry point `load_for_inference`, shared with `codetune serve`, and `complete`, the
-one-call helper the demo uses.
+Also the loading entry point `load_for_inference` and the chat-template lookup `chat_rendering`, shared
+with `codetune serve`, and `complete`, the one-call helper the demo uses.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,15 +59,55 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: torc
     model, _ = load_model(model_cfg, device, vocab_size=vocab)
     check_vocab(model, tok)
     model.eval()
-    return model, tok, {}
+    return model, tok, _merged_info(model_cfg.model)
+
+
+def _merged_info(model: str) -> dict:
+    """A model folder `codetune merge` wrote carries its adapter's codetune.json (how its data was rendered)."""
+    from codetune.model.load import RUN_INFO, read_run_info
+
+    try:
+        return read_run_info(model) if (Path(model) / RUN_INFO).is_file() else {}
+    except ConfigError:  # unreadable: it only informs the chat rendering, which then goes by the tokenizer
+        return {}
+
+
+NO_CHAT_TEMPLATE = ("this model has no chat template and was not trained on chat data: use an adapter trained on "
+                    "chat rows (codetune prepare with messages, prompt/completion or instruction data), or an "
+                    "instruct model whose tokenizer has a chat template (e.g. stabilityai/stable-code-instruct-3b)")
+
+
+@dataclass(frozen=True)
+class ChatRendering:
+    choice: str  # "auto" (the tokenizer's template) or "plain", as codetune.data.chat.prompt_ids takes it
+    stop_token_ids: tuple[int, ...]  # the template's end-of-turn token: where an answer ends
+    known: bool  # the tokenizer has a template, or the adapter trained on chat rows; else plain is a guess
+
+
+def chat_rendering(tok, info: dict) -> ChatRendering:
+    """How a conversation is rendered for this model: as `prepare` rendered the chat rows the adapter trained
+    on (its manifest's chat_template, the plain template included), else with the tokenizer's own template.
+    A ConfigError when that template cannot render a conversation."""
+    from codetune.data import chat
+
+    manifest = info.get("data_manifest") or {}
+    trained = bool((((manifest.get("counts") or {}).get("kinds") or {}).get("chat") or {}).get("kept"))
+    # a manifest written for code alone also names a template; the adapter learned nothing of it
+    choice = "plain" if trained and manifest.get("chat_template") == "plain" else "auto"
+    t = chat.template_of(tok, choice)
+    try:
+        eot = chat.end_of_turn(t)
+    except Exception as e:  # noqa: BLE001 - any failure of someone's Jinja is a configuration problem
+        raise ConfigError(f"the model's chat template cannot render a conversation ({type(e).__name__}: {e}); "
+                          "fix the tokenizer's chat_template") from None
+    return ChatRendering(choice, (int(tok.convert_tokens_to_ids(eot)),), trained or t.jinja is not None)
 
 
 def chat_ids(tok, text: str, info: dict) -> list[int]:
-    """Prompt ids for one user message: the rendering `prepare` used for the chat rows the adapter trained on
-    (its manifest's choice: the tokenizer's template, or the plain one), so training and inference agree."""
+    """Prompt ids for one user message, rendered as `chat_rendering` says, so training and inference agree."""
     from codetune.data.chat import prompt_ids as chat_prompt_ids
 
-    choice = "plain" if (info.get("data_manifest") or {}).get("chat_template") == "plain" else "auto"
+    choice = chat_rendering(tok, info).choice
     return [int(i) for i in chat_prompt_ids(tok, [{"role": "user", "content": text}], choice)]
 
 
@@ -109,7 +150,12 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     device = pick_device(ns.device)
     model, tok, info = load_for_inference(cfgs["model"], ns.adapter, device, model_cfg_given=hasattr(ns, "model.model"))
     if chat is not None:
-        ids = chat_ids(tok, chat, info)  # (the answer ends at EOS, which both templates put after a response)
+        rendering = chat_rendering(tok, info)
+        if not rendering.known:
+            print(f"codetune generate: warning: {NO_CHAT_TEMPLATE}; using codetune's plain template",
+                  file=sys.stderr)
+        ids = chat_ids(tok, chat, info)
+        params.stop_token_ids = rendering.stop_token_ids  # the answer ends at the template's end of turn
     else:
         ids = fim_ids(tok, prefix or "", suffix or "") if fim else prompt_ids(tok, prompt)
     room = max_context(model) - len(ids)

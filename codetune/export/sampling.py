@@ -26,6 +26,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # tokens that end the completion as EOS does, and like it are not returned: a chat template's
+    # end-of-turn token (<|im_end|>) where it is not EOS
+    stop_token_ids: tuple[int, ...] = ()
 
     def check(self) -> None:
         """Raise ValueError naming the bad setting (the CLI and the server turn it into their own error)."""
@@ -168,10 +171,11 @@ class _Detokenizer:
 def generate_text(model, tokenizer, input_ids: list[int], params: SamplingParams,
                   on_text: Callable[[str], None] | None = None,
                   cancelled: Callable[[], bool] | None = None) -> Completion:
-    """Generate from `input_ids`; stream text pieces to `on_text`; stop at EOS, a stop string (which is
-    not included) or max_new_tokens; `cancelled()` is polled each token."""
+    """Generate from `input_ids`; stream text pieces to `on_text`; stop at EOS or a stop token, a stop
+    string (neither included) or max_new_tokens; `cancelled()` is polled each token."""
     params.check()
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos |= set(params.stop_token_ids)
     vocab_limit = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
     longest_stop = max((len(s) for s in params.stop), default=0)
     detok = _Detokenizer(tokenizer)
