@@ -26,8 +26,8 @@ OLLAMA_CONTEXT = 4096  # num_ctx in the Modelfile: the KV cache of stable-code-3
 ELSEWHERE = "choose --out on another disk or folder"
 
 CLI_FLAGS = [
-    (("format",), dict(choices=FORMATS, help="what to write: gguf (llama.cpp, Ollama, LM Studio; default: none, "
-                                             "give it)")),
+    (("format",), dict(choices=FORMATS, help="what to write: gguf, the one format so far (llama.cpp, Ollama, "
+                                             "LM Studio; default: none, required)")),
     (("--model",), dict(metavar="DIR", help="a merged model directory (`codetune merge --out`); with --adapter, "
                                             "the base to merge it into (default: the base the adapter trained on)")),
     (("--adapter",), dict(metavar="DIR", help="adapter directory from `codetune train`, merged into its base on "

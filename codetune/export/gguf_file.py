@@ -6,7 +6,7 @@ StableLM, except where it is wrong for stable-code:
 - it writes no `stablelm.rope.freq_base`, so llama.cpp falls back to 10,000 where stable-code-3b uses
   1,000,000: every position is rotated wrongly and the model is silently worse (max logit difference ~16);
 - it writes no FIM token ids, so llama-server's /infill and editor plugins that ask llama.cpp for them
-  get none (llama.cpp guesses them from token names when a file has none; here they are written).
+  get none unless llama.cpp's guess from the token texts finds them; here they are written.
 It is also not installed by any package (it lives in llama.cpp's source tree), so it is not called.
 """
 

@@ -27,4 +27,4 @@ def tiny_gguf(merged_model, tmp_path_factory):
     from codetune.export.gguf_export import export_gguf
 
     d = tmp_path_factory.mktemp("gguf")
-    return {q: export_gguf(d / f"tiny-{q}.gguf", q, model_dir=merged_model).gguf for q in ("f32", "f16", "q8_0")}
+    return {q: export_gguf(d / f"tiny-{q}.gguf", q, model_dir=merged_model).gguf for q in ("f32", "f16", "bf16", "q8_0")}

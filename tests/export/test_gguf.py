@@ -67,14 +67,14 @@ def test_metadata_says_what_llama_cpp_needs(merged_model, tiny_gguf):
                                                    ["model"]["merges"])
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0"])
 def test_weights_are_stored_as_asked(merged_model, tiny_gguf, quant):
     weights = load_file(str(merged_model / "model.safetensors"))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.STABLELM, 2)
     by_name = {names.get_name(k, try_suffixes=(".weight", ".bias")): v for k, v in weights.items()}
     tensors = {t.name: t for t in gguf.GGUFReader(str(tiny_gguf[quant])).tensors}
     assert set(tensors) == set(by_name)
-    matrix = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[quant]
+    matrix = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[quant]
     for name, t in tensors.items():
         want = by_name[name].float().numpy()
         if want.ndim == 1:
@@ -85,7 +85,8 @@ def test_weights_are_stored_as_asked(merged_model, tiny_gguf, quant):
             expected = matrix
         assert t.tensor_type == expected, name
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
-        bound = {Q.F32: 0.0, Q.F16: 1e-3 * np.abs(want).max(), Q.Q8_0: np.abs(want).max() / 127}[expected]
+        top = np.abs(want).max()
+        bound = {Q.F32: 0.0, Q.F16: 1e-3 * top, Q.BF16: 4e-3 * top, Q.Q8_0: top / 127}[expected]
         assert np.abs(got - want).max() <= bound, name
 
 

@@ -115,9 +115,18 @@ F16_MAX_DIFF = 0.3
 Q8_MAX_DIFF, Q8_AGREE = 4.0, 0.8
 
 
+# bf16 keeps 8 bits of mantissa to f16's 11; measured: max difference 0.83, argmax agreement 95%.
+BF16_MAX_DIFF, BF16_AGREE = 1.5, 0.9
+
+
 def test_f16_logits_within_bound(llama_cpp, hf, tiny_gguf):
     diff, agree, _ = compare(llama_cpp, hf, tiny_gguf["f16"])
     assert diff < F16_MAX_DIFF and agree >= 0.97
+
+
+def test_bf16_logits_within_bound(llama_cpp, hf, tiny_gguf):
+    diff, agree, _ = compare(llama_cpp, hf, tiny_gguf["bf16"])
+    assert diff < BF16_MAX_DIFF and agree >= BF16_AGREE
 
 
 def test_q8_0_is_what_llama_cpps_quantizer_makes(llama_cpp, hf, tiny_gguf, tmp_path):
