@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("codetune.plan.planner:run", "will it fit? predict GPU memory and pick settings for your card"),
     "merge": Command("codetune.export.merge:run",
                      "merge a LoRA adapter into the bf16/fp16 base weights and write a HF model directory"),
+    "export": Command("codetune.export.gguf_export:run",
+                      "export gguf: one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile"),
     "generate": Command("codetune.export.generate:run", "complete a prompt or fill in the middle, streaming tokens"),
     "serve": Command("codetune.serve.app:run", "OpenAI-compatible /v1/completions server (with FIM via suffix)"),
     "demo": Command("codetune.demo:run",
