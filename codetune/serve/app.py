@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 
+from codetune.export.static_decode import DECODE_FLAG
 from codetune.serve.limits import RETRY_AFTER_S, Limits, limit_cli_flags, limits_from_args
 from codetune.serve.schemas import ApiError
 
@@ -38,6 +39,7 @@ CLI_FLAGS = [
     (("--served-model-name",), dict(default="codetune", metavar="NAME", help="the model id clients ask for")),
     *limit_cli_flags(),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
+    DECODE_FLAG,
 ]
 
 
@@ -263,7 +265,7 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     except ImportError:
         print("codetune serve needs FastAPI and uvicorn: pip install 'codetune[serve]'", file=sys.stderr)
         return 2
-    from codetune.export.generate import load_for_inference
+    from codetune.export.generate import load_for_inference, make_decoder
     from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
     from codetune.serve.guard import fit_connections, log_config, raise_open_file_limit, uvicorn_config
@@ -283,9 +285,10 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
               "address can use the model", file=sys.stderr)
     model, tok, info = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
                                           model_cfg_given=hasattr(ns, "model.model"))
-    engine = Engine(model, tok, max_pending=limits.max_pending)
+    engine = Engine(model, tok, max_pending=limits.max_pending, decoder=make_decoder(model, ns.decode))
     app = create_app(engine, ns.served_model_name, limits, api_key, run_info=info)
     print(f"codetune serve: model {ns.served_model_name!r} at http://{ns.host}:{ns.port}/v1", file=sys.stderr)
+    print(f"codetune serve: decoding: {engine.decoder.describe()}", file=sys.stderr)
     print(f"codetune serve: chat: {chat_support(tok, info).describe()}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, backlog=fitted.backlog,
