@@ -39,6 +39,9 @@ class SamplingParams:
     # tokens that end the completion as EOS does, and like it are not returned: a chat template's
     # end-of-turn token (<|im_end|>) where it is not EOS
     stop_token_ids: tuple[int, ...] = ()
+    # an editor's latency bound (llama.cpp's t_max_predict_ms): once this many seconds have passed since
+    # the first token and the text holds a line break, stop (finish "length") with what is there
+    line_time_limit_s: float | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the bad setting (the CLI and the server turn it into their own error)."""
@@ -54,6 +57,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be positive (1 = off)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.line_time_limit_s is not None and not self.line_time_limit_s > 0:
+            raise ValueError(f"line_time_limit_s={self.line_time_limit_s}: must be positive")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Completion:
     completion_tokens: int
     prefill_s: float = 0.0  # from the call to the first token (the prompt's forward pass)
     decode_s: float = 0.0  # from the first token to the end
+    stop_word: str = ""  # the stop string that ended the text, if one did
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -228,7 +234,7 @@ def generate_text(model, tokenizer, input_ids: list[int], params: SamplingParams
     vocab_limit = min(len(tokenizer), model.get_input_embeddings().weight.shape[0])
     longest_stop = max((len(s) for s in params.stop), default=0)
     detok = _Detokenizer(tokenizer)
-    text, emitted, finish, n_tokens, cut = "", 0, "length", 0, False
+    text, emitted, finish, n_tokens, cut, stop_word = "", 0, "length", 0, False, ""
     for tok in generate_ids(model, input_ids, params, vocab_limit, eos, decoder):
         n_tokens += 1
         if first is None:
@@ -243,7 +249,9 @@ def generate_text(model, tokenizer, input_ids: list[int], params: SamplingParams
             text += piece
             hits = [i for i in (text.find(s, start) for s in params.stop) if i >= 0]
             if hits:
-                text, finish, cut = text[:min(hits)], "stop", True
+                at = min(hits)
+                stop_word = next(s for s in params.stop if text.find(s, start) == at)
+                text, finish, cut = text[:at], "stop", True
                 break
             safe = len(text) - _held_back(text, params.stop)
             if on_text is not None and safe > emitted:
@@ -252,10 +260,14 @@ def generate_text(model, tokenizer, input_ids: list[int], params: SamplingParams
         if cancelled is not None and cancelled():
             finish = "cancelled"
             break
+        if (params.line_time_limit_s is not None and "\n" in text
+                and time.perf_counter() - first > params.line_time_limit_s):
+            break  # finish stays "length": a bound on the completion, as max_new_tokens is
     if not cut:
         text += detok.rest()
     if on_text is not None and len(text) > emitted:
         on_text(text[emitted:])
     end = time.perf_counter()
     first = end if first is None else first
-    return Completion(text, finish, len(input_ids), n_tokens, prefill_s=first - t0, decode_s=end - first)
+    return Completion(text, finish, len(input_ids), n_tokens, prefill_s=first - t0, decode_s=end - first,
+                      stop_word=stop_word)
