@@ -17,6 +17,7 @@ import torch
 
 from codetune.config import ConfigError, ModelConfig
 from codetune.export.sampling import SamplingParams, fim_ids, generate_text, max_context, prompt_ids
+from codetune.export.static_decode import DECODE_FLAG, Decoder
 from codetune.model.load import pick_device
 
 CLI_FLAGS = [
@@ -37,6 +38,7 @@ CLI_FLAGS = [
     (("--stop",), dict(action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")),
     (("--seed",), dict(type=int, default=None, help="sampling seed, for repeatable samples")),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
+    DECODE_FLAG,
 ]
 
 
@@ -112,10 +114,19 @@ def chat_ids(tok, text: str, info: dict) -> list[int]:
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
-             stop: list[str] | None = None, on_text=None) -> str:
+             stop: list[str] | None = None, on_text=None, decoder: Decoder | None = None) -> str:
     """The continuation of `prompt` (stop string excluded); `on_text` receives it piece by piece."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop or []))
-    return generate_text(model, tokenizer, prompt_ids(tokenizer, prompt), params, on_text=on_text).text
+    return generate_text(model, tokenizer, prompt_ids(tokenizer, prompt), params, on_text=on_text,
+                         decoder=decoder).text
+
+
+def make_decoder(model, mode: str) -> Decoder:
+    """The --decode flag's Decoder; a mode that cannot run here is a one-line ConfigError."""
+    try:
+        return Decoder(model, mode)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def read_arg(value: str | None) -> str | None:
@@ -149,6 +160,7 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     device = pick_device(ns.device)
     model, tok, info = load_for_inference(cfgs["model"], ns.adapter, device, model_cfg_given=hasattr(ns, "model.model"))
+    decoder = make_decoder(model, ns.decode)
     if chat is not None:
         rendering = chat_rendering(tok, info)
         if not rendering.known:
@@ -171,9 +183,9 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     t0 = time.perf_counter()
-    out = generate_text(model, tok, ids, params, on_text=show)
+    out = generate_text(model, tok, ids, params, on_text=show, decoder=decoder)
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
     print(f"[{out.completion_tokens} tokens in {dt:.2f}s, {out.completion_tokens / max(dt, 1e-9):.1f} tok/s, "
-          f"finish: {out.finish_reason}]", file=sys.stderr)
+          f"finish: {out.finish_reason}; decode: {decoder.describe()}]", file=sys.stderr)
     return 0

@@ -3,7 +3,8 @@ speak OpenAI's API (Continue, Tabby-style clients, the `openai` package) can use
 
 Routes: POST /v1/completions (prompt or fill-in-the-middle through `suffix`), POST /v1/chat/completions
 (a conversation, rendered as training rendered chat rows: jobs.py), both streaming as server-sent events;
-GET /v1/models, GET /health. Requests queue through one engine worker (engine.py) and stop generating
+POST /infill (llama.cpp's fill-in-the-middle, which editor plugins such as llama.vim and llama.vscode send;
+not streamed); GET /v1/models, GET /health. Requests queue through one engine worker (engine.py) and stop generating
 when their client disconnects; request fields, token budgets and choice counts are checked
 (schemas.py); connections, headers and bodies are bounded in time and size (guard.py); every limit is
 a flag (limits.py); errors are JSON in OpenAI's shape.
@@ -23,6 +24,7 @@ import sys
 import time
 import uuid
 
+from codetune.export.static_decode import DECODE_FLAG
 from codetune.serve.limits import RETRY_AFTER_S, Limits, limit_cli_flags, limits_from_args
 from codetune.serve.schemas import ApiError
 
@@ -38,6 +40,7 @@ CLI_FLAGS = [
     (("--served-model-name",), dict(default="codetune", metavar="NAME", help="the model id clients ask for")),
     *limit_cli_flags(),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
+    DECODE_FLAG,
 ]
 
 
@@ -54,14 +57,15 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from codetune.export.sampling import max_context
+    from codetune.export.sampling import Completion, max_context
     from codetune.serve.engine import Busy
     from codetune.serve.guard import RequestGuard, log, peer
-    from codetune.serve.jobs import chat_job, chat_support, completion_job
-    from codetune.serve.responses import ChatShape, TextShape
+    from codetune.serve.jobs import chat_job, chat_support, completion_job, infill_job
+    from codetune.serve.responses import ChatShape, TextShape, infill_result, only_fields
     from codetune.serve.schemas import (
         ChatCompletionRequest,
         CompletionRequest,
+        InfillRequest,
         check_prompt_bytes,
         check_request,
         max_tokens_of,
@@ -160,7 +164,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
     def checked(request_body: bytes, kind):
         req = parse_request(request_body, kind)
         check_request(req, limits)
-        if req.model != model_name:
+        if req.model is not None and req.model != model_name:  # (None: /infill, which names no model)
             raise ApiError(404, f"model {req.model!r} does not exist; this server has {model_name!r} "
                                 "(see /v1/models)", param="model", code="model_not_found")
         return req
@@ -181,6 +185,27 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
         check_prompt_bytes(req, max_tokens_of(req, limits), context, limits)
         spec = await asyncio.to_thread(chat_job, req, engine.tokenizer, chat.rendering, limits, context)
         return await respond(request, req, spec, ChatShape())
+
+    @app.post("/infill", dependencies=[Depends(authorize)])
+    async def infill(request: Request):
+        req = checked(await request.body(), InfillRequest)
+        if req.stream:
+            raise ApiError(400, "stream is not supported on /infill; send \"stream\": false, or use /v1/completions "
+                                "with a suffix to stream", param="stream")
+        if req.n_predict == 0:  # a plugin's "read this context ahead" call: without a prompt cache, nothing to do
+            return only_fields(infill_result(Completion("", "length", 0, 0), 0, model_name, False),
+                               req.response_fields)
+        spec, cut = await asyncio.to_thread(infill_job, req, engine.tokenizer, limits, context)
+        job = submit(spec.prompts, spec.params)
+        if not await wait_for_worker(request, job):
+            return Response(status_code=499)  # never sent: the client has gone
+        if await first_of(request, job, job.future, None) == "gone":
+            engine.abandon(job)
+            log.info("%s disconnected; stopped generating for it", peer(request.client))
+            return Response(status_code=499)
+        results = [only_fields(infill_result(c, i, model_name, cut), req.response_fields)
+                   for i, c in enumerate(job.future.result())]
+        return results[0] if len(results) == 1 else results  # llama.cpp answers n_cmpl > 1 with a list
 
     async def respond(request: Request, req, spec, shape):
         head = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
@@ -263,7 +288,7 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     except ImportError:
         print("codetune serve needs FastAPI and uvicorn: pip install 'codetune[serve]'", file=sys.stderr)
         return 2
-    from codetune.export.generate import load_for_inference
+    from codetune.export.generate import load_for_inference, make_decoder
     from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
     from codetune.serve.guard import fit_connections, log_config, raise_open_file_limit, uvicorn_config
@@ -283,9 +308,10 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
               "address can use the model", file=sys.stderr)
     model, tok, info = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
                                           model_cfg_given=hasattr(ns, "model.model"))
-    engine = Engine(model, tok, max_pending=limits.max_pending)
+    engine = Engine(model, tok, max_pending=limits.max_pending, decoder=make_decoder(model, ns.decode))
     app = create_app(engine, ns.served_model_name, limits, api_key, run_info=info)
     print(f"codetune serve: model {ns.served_model_name!r} at http://{ns.host}:{ns.port}/v1", file=sys.stderr)
+    print(f"codetune serve: decoding: {engine.decoder.describe()}", file=sys.stderr)
     print(f"codetune serve: chat: {chat_support(tok, info).describe()}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, backlog=fitted.backlog,

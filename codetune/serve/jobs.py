@@ -1,6 +1,7 @@
 """Requests into engine jobs: token ids and sampling settings per choice, with the context checked.
 
-Completions encode a prompt (or a fill-in-the-middle prompt around `suffix`); chat renders the
+Completions encode a prompt (or a fill-in-the-middle prompt around `suffix`; llama.cpp's /infill builds the
+same one from its fields); chat renders the
 conversation with codetune.data.chat.prompt_ids, the function `prepare` rendered the training chat rows
 with, in the template the served model carries (export.generate.chat_rendering), and stops each answer
 at that template's end-of-turn token.
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from codetune.export.sampling import SamplingParams, fim_ids, prompt_ids
+from codetune.export.sampling import SamplingParams, fim_ids, fim_layout, prompt_ids
 from codetune.serve.schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    InfillRequest,
     check_context,
     max_tokens_of,
     stop_list,
@@ -84,14 +86,29 @@ def chat_job(req: ChatCompletionRequest, tok, rendering, limits, context: int) -
     return _choices(req, [ids], max_tokens, rendering.stop_token_ids)
 
 
+def infill_job(req: InfillRequest, tok, limits, context: int) -> tuple[JobSpec, bool]:
+    """(the job, whether the prefix or suffix was cut). The prompt is the FIM prompt /v1/completions builds
+    for `suffix`, around input_prefix + prompt (llama.cpp puts the current line's text there) and
+    input_suffix. As llama.cpp does, what does not fit beside n_predict is cut rather than refused: the
+    prefix from its start and the suffix from its end, the suffix keeping at least a quarter of the room."""
+    max_tokens = max_tokens_of(req, limits)
+    check_context(req, len(fim_layout(tok, [], [])), max_tokens, context)
+    prefix = prompt_ids(tok, req.input_prefix) + prompt_ids(tok, req.prompt)
+    suffix = prompt_ids(tok, req.input_suffix)
+    room = context - max_tokens - len(fim_layout(tok, [], []))
+    cut = len(prefix) + len(suffix) > room
+    if cut:
+        suffix = suffix[:max(room // 4, room - len(prefix))]
+        prefix = prefix[len(prefix) - (room - len(suffix)):]
+    return _choices(req, [fim_layout(tok, prefix, suffix)], max_tokens), cut
+
+
 def _choices(req, encoded: list[list[int]], max_tokens: int, stop_token_ids: tuple[int, ...] = ()) -> JobSpec:
     prompts, params = [], []
     for ids in encoded:
         for _ in range(req.n or 1):
             seed = None if req.seed is None else req.seed + len(params)
             prompts.append(ids)
-            params.append(SamplingParams(
-                max_new_tokens=max_tokens, stop=stop_list(req), seed=seed, stop_token_ids=stop_token_ids,
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p))
+            params.append(SamplingParams(max_new_tokens=max_tokens, stop=stop_list(req), seed=seed,
+                                         stop_token_ids=stop_token_ids, **req.sampling()))
     return JobSpec(prompts, params, sum(len(ids) for ids in encoded))

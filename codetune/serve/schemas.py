@@ -90,6 +90,11 @@ class _Request(BaseModel):
         """(field, whether this request uses it) for each field the server cannot honour."""
         return [("presence_penalty", bool(self.presence_penalty)), ("frequency_penalty", bool(self.frequency_penalty))]
 
+    def sampling(self) -> dict:
+        """SamplingParams fields this request sets (besides max_new_tokens, stop and seed)."""
+        return {"temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p}
+
     @property
     def max_tokens_param(self) -> str:
         return "max_tokens"
@@ -172,6 +177,68 @@ class ChatCompletionRequest(_Request):
     def prompt_texts(self) -> list[str]:
         """The conversation is one prompt; its texts are its messages' contents."""
         return ["".join(m.text for m in self.messages)]
+
+
+# llama.cpp's "no seed": a random one
+LLAMA_RANDOM_SEEDS = (-1, 0xFFFFFFFF)
+
+
+class InfillRequest(_Request):
+    """llama.cpp's POST /infill, as editor plugins send it (llama.vim, llama.vscode): the text before the gap
+    (`input_prefix`, then `prompt`: the current line up to the cursor) and after it (`input_suffix`).
+    Defaults are llama.cpp's. Accepted and not acted on, as they only tune llama.cpp's own machinery:
+    id_slot, cache_prompt, samplers (the order is top-k then top-p here), t_max_prompt_ms, n_indent, and
+    input_extra (context from other files: the model was trained on one file's FIM, and without a prompt
+    cache its tokens would be paid for on every keystroke)."""
+
+    model: str | None = None  # llama.cpp serves one model and does not ask for it
+    input_prefix: str = ""
+    input_suffix: str = ""
+    prompt: str = ""
+    input_extra: list[dict] | None = None
+    n_predict: int | None = None  # -1: llama.cpp's "until the context is full"; here the default applies
+    n_cmpl: int | None = Field(None, ge=1)  # completions (llama.vscode's max_parallel_completions)
+    temperature: float | None = Field(0.8, ge=0.0, le=2.0)
+    top_k: int | None = Field(40, ge=0)
+    top_p: float | None = Field(0.95, gt=0.0, le=1.0)
+    repeat_penalty: float | None = Field(1.0, gt=0.0)
+    t_max_predict_ms: float | None = None  # stop at a line end once this much decoding time has passed
+    response_fields: list[str] | None = None
+    id_slot: int | None = None
+    cache_prompt: bool | None = None
+    samplers: list[str] | None = None
+    t_max_prompt_ms: float | None = None
+    n_indent: int | None = None
+
+    @field_validator("input_prefix", "input_suffix", "prompt")
+    @classmethod
+    def _unicode_text(cls, value):
+        return _valid_unicode(value)
+
+    @model_validator(mode="after")
+    def _as_openai(self):
+        # the shared checks read n (choices) and seed as /v1/completions has them
+        self.n = self.n_cmpl
+        if self.seed in LLAMA_RANDOM_SEEDS:
+            self.seed = None
+        return self
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "n_predict"
+
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.n_predict if self.n_predict is not None and self.n_predict >= 0 else None
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        return [self.input_prefix + self.prompt + self.input_suffix]
+
+    def sampling(self) -> dict:
+        limit = self.t_max_predict_ms / 1000 if self.t_max_predict_ms and self.t_max_predict_ms > 0 else None
+        return {**super().sampling(), "top_k": self.top_k or 0, "line_time_limit_s": limit,
+                "repetition_penalty": self.repeat_penalty or 1.0}
 
 
 def parse_request(raw: bytes, kind: type[_Request] = CompletionRequest):
