@@ -57,14 +57,19 @@ def tmp_beside(final: Path) -> Path:
     return tmp
 
 
+LEFTOVER_GLOBS = ("corpus.tmp-*", "pretrained.tmp-*", "data/*.tmp-*", "evals/*/*.tmp-*")  # what tmp_beside makes
+
+
 def remove_leftovers(out: Path) -> list[Path]:
-    """Temporary folders of earlier runs that were stopped (this script's own names, inside its --out)."""
+    """Temporary folders that a stopped run of this script left (its own names, inside its --out only;
+    codetune's commands clean up their own)."""
     gone = []
-    for p in out.rglob("*.tmp-*"):
-        pid = p.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            gone.append(p)
+    for pattern in LEFTOVER_GLOBS:
+        for p in out.glob(pattern):
+            pid = p.name.rsplit(".tmp-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
     return gone
 
 

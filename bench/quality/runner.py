@@ -46,13 +46,15 @@ class Runner:
     env: dict
     deadline: float | None = None  # time.monotonic() at which to stop
     in_process: bool = False       # codetune.cli.main in this process: the same CLI, without the start-up
+    command: tuple[str, ...] = (sys.executable, "-m", "codetune")
+    min_start_s: float = MIN_START_S
 
     def left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     def check_time(self, name: str) -> None:
         left = self.left()
-        if left is not None and left < MIN_START_S:
+        if left is not None and left < self.min_start_s:
             raise TimeUp(f"time limit reached before {name}")
 
     def codetune(self, name: str, args: list[str], training: bool = False) -> float:
@@ -71,7 +73,7 @@ class Runner:
                 if rc != 0:
                     raise StepFailed(name, rc, log)
                 return time.monotonic() - t0
-            proc = subprocess.Popen([sys.executable, "-m", "codetune", *args], cwd=self.root, env=self.env,
+            proc = subprocess.Popen([*self.command, *args], cwd=self.root, env=self.env,
                                     stdout=f, stderr=subprocess.STDOUT)
             try:
                 rc = proc.wait(timeout=self.left())

@@ -68,7 +68,7 @@ class Candidate:
 
     @property
     def prompt(self) -> str:
-        return (self.imports + "\n\n" if self.imports else "") + self.header
+        return (self.imports + "\n\n\n" if self.imports else "") + self.header
 
 
 @dataclass(frozen=True)
