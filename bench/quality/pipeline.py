@@ -132,7 +132,7 @@ def train_args(ctx: Context, settings, data: Path, out_dir: Path) -> list[str]:
             "--lr", str(settings.lr), "--warmup-steps", str(settings.warmup_steps),
             "--weight-decay", str(settings.weight_decay), "--eval-every", str(settings.eval_every),
             "--eval-batches", str(settings.eval_batches), "--save-every", str(settings.save_every),
-            "--seed", str(ctx.seed), "--no-progress", "--no-tensorboard"]
+            "--seed", str(ctx.seed), "--no-progress", "--no-tensorboard", *settings.extra]
 
 
 def pretrained_dir(ctx: Context) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -71,6 +72,13 @@ def claim_out(out: Path, identity: dict) -> None:
     marker.write_text(json.dumps(identity) + "\n")
 
 
+def identity(scale, seed: int) -> dict:
+    """What an --out folder is the run of: another preset (an edited scale.py too), seed or domain is another run."""
+    settings = json.dumps(dataclasses.asdict(scale), sort_keys=True)
+    return {"scale": scale.name, "seed": seed, "domain": scale.corpus.domain,
+            "settings": hashlib.sha256(settings.encode()).hexdigest()[:12]}
+
+
 def nf4_unavailable(cuda: bool) -> str | None:
     if not cuda:
         return "NF4 needs a CUDA GPU (bitsandbytes); this machine has none, so QLoRA was skipped"
@@ -95,7 +103,7 @@ def context(a: argparse.Namespace) -> pipeline.Context:
         raise ConfigError("--in-process cannot stop a training run at --time-limit (that needs its own process); "
                           "drop one of them")
     out = a.out.resolve()
-    claim_out(out, {"scale": scale.name, "seed": a.seed, "domain": scale.corpus.domain})
+    claim_out(out, identity(scale, a.seed))
     for p in pipeline.remove_leftovers(out):
         print(f"[quality] removed {p}, left by a stopped run", file=sys.stderr)
     cuda = torch.cuda.is_available()
