@@ -15,7 +15,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
-RUN=runs/quality
+RUN=${QUALITY_OUT:-runs/quality}  # another preset or seed: another folder
 python3 bench/quality/run.py --out "$RUN" "$@" 2>&1 | tee -a "$OUT/log.txt"
 rc=${PIPESTATUS[0]}
 cp "$RUN"/report/* "$OUT/" 2>/dev/null

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +78,13 @@ def remove_leftovers(out: Path) -> list[Path]:
 # pretrain
 
 
-def read_files(files) -> list[tuple[str, str]]:
-    out = []
+def read_files(files) -> Iterator[tuple[str, str]]:
+    """(key, text) of each readable file, read only when the task generator gets to it."""
     for f in files:
         try:
-            out.append((f.key, f.path.read_text(encoding="utf-8")))
+            yield f.key, f.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-    return out
 
 
 def build_corpus(ctx: Context) -> corpus_mod.Corpus:

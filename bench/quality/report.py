@@ -161,7 +161,7 @@ def write(ctx) -> dict:
         "scale": ctx.scale.name, "seed": ctx.seed, "settings": asdict(ctx.scale), "environment": environment(),
         "variants": {v.name: asdict(v) for v in VARIANTS}, "skipped": ctx.skipped(),
         "corpus": {k: corpus[k] for k in ("packages", "splits", "bytes", "dropped_domain_copies")},
-        "tasks": {s: sum(1 for _ in open(ctx.path("corpus", f"tasks-{s}.jsonl"))) for s in ("domain", "general")},
+        "tasks": {s: len(ctx.path("corpus", f"tasks-{s}.jsonl").read_text().splitlines()) for s in ("domain", "general")},
         "training": training(ctx),
         "metrics": [{"label": r.label, "kind": r.metric.kind, "higher_is_better": r.metric.higher_is_better,
                      "models": {m: {"value": x.value, "n": x.n, "low": x.interval.low if x.interval else None,
