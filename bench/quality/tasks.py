@@ -2,8 +2,8 @@
 all of the domain's (and the general side's) files; the files they come from are then held out
 (corpus.split), and every training set drops any file holding a copy of one (decontam_rows).
 
-A task is a top-level function that can run on its own: a docstring, a body of 2-30
-lines, positional parameters only, and no name beyond its parameters, its locals, safe built-ins and
+A task is a top-level function that can run on its own: a docstring, a body of 2-30 lines, positional
+parameters only, and no name beyond its parameters, its locals, safe built-ins and
 modules of the standard library that its file imports (those imports go into the prompt). The prompt is
 the imports + signature + docstring, as in HumanEval; the model writes the body.
 
@@ -11,8 +11,9 @@ The tests are recorded input/output pairs: the inputs are the function's own doc
 arguments, then small values chosen by the parameters' names (n -> ints, s -> strings, seq -> lists);
 the original is run on them in codetune's sandbox, twice, and a call counts only if it returned the
 same plain value (None, bool, int, finite float, str, list, tuple, dict, set) both times within 0.2 s.
-A task is kept with at least MIN_CASES such calls and MIN_DISTINCT different outputs (so no constant
-body passes, nor one that tells only two cases apart), and only after the sandbox's judge has passed the original body and failed `return None`.
+A task is kept with at least MIN_CASES such calls and MIN_DISTINCT different outputs (so no body with
+fewer possible results passes, a constant least of all), and only after the sandbox's judge has passed
+the original body and failed `return None`.
 """
 
 from __future__ import annotations
