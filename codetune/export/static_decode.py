@@ -32,7 +32,8 @@ log = logging.getLogger("codetune.decode")
 DECODE_MODES = ("auto", "eager", "static", "graph")
 DECODE_HELP = ("how tokens are decoded: static (preallocated KV cache), graph (static + the one-token step "
                "replayed as a CUDA graph; CUDA only), eager (transformers' growing cache, the reference), "
-               "auto (graph on CUDA, static on the CPU, eager where a static cache does not apply)")
+               "auto (static on the CPU; eager on CUDA until a GPU run has measured the graphed path, and "
+               "wherever a static cache does not apply)")
 # for a stage module's CLI_FLAGS: `codetune generate` and `codetune serve` take the same flag
 DECODE_FLAG = (("--decode",), dict(choices=DECODE_MODES, default="auto", help=DECODE_HELP))
 
@@ -73,7 +74,10 @@ def resolve_mode(mode: str, model) -> str:
     device = model.get_input_embeddings().weight.device
     why = static_unsupported(model) if mode != "eager" else None
     if mode == "auto":
-        return "eager" if why else "graph" if device.type == "cuda" else "static"
+        # On CUDA auto stays on the eager loop until a GPU run has shown the static cache and its graphs
+        # give the eager loop's greedy ids and pay (bench/suites/decode.txt, issue 17); --decode graph or
+        # static choose them explicitly meanwhile.
+        return "eager" if why or device.type == "cuda" else "static"
     if why:
         raise ValueError(f"--decode {mode}: {why}; use --decode eager")
     if mode == "graph" and device.type != "cuda":
