@@ -89,17 +89,20 @@ def launch_command(n: int, train_args: list[str], exit_file: Path, port: int) ->
     return Launch(argv, env)
 
 
-def _is_launcher_report(line: str) -> bool:
-    """The first line of the launcher's account of a failed or signalled child."""
-    return ("torch/distributed/elastic/" in line or line.startswith("Traceback (most recent call last)")
-            or "SignalException" in line)
+def _launcher_line(line: str) -> bool:
+    """A log line of torch's elastic agent (under `accelerate launch`): "W1201 12:07:35.559000 25427
+    torch/distributed/elastic/...] Received 2 death signal, shutting down workers"."""
+    return "torch/distributed/elastic/" in line and line[:1] in "IWEF"
 
 
 def _forward_stderr(pipe, held: list[str], debug: bool) -> None:
-    holding = False
+    """The workers' stderr as it comes; the launcher's own account of a failed or signalled child (its log
+    lines, and the traceback of its internals it ends with: workers print none without --debug) held
+    back, for relaunch() to show only where no worker said what went wrong."""
+    tail = False
     for line in iter(pipe.readline, ""):
-        holding = holding or (not debug and _is_launcher_report(line))
-        if holding:
+        tail = tail or (not debug and line.startswith("Traceback (most recent call last)"))
+        if tail or (not debug and _launcher_line(line)):
             held.append(line)
         else:
             sys.stderr.write(line)
