@@ -188,3 +188,14 @@ def test_ctrl_c_reaches_every_process_once_and_they_checkpoint(tiny_data, tmp_pa
     lines = err.splitlines()
     command = lines[next(i for i, ln in enumerate(lines) if "Continue with:" in ln) + 1].strip()
     assert "--num-gpus 2" in command and command.endswith("--resume")  # (it continues on 2 processes)
+
+
+def test_the_fsdp_plugin_is_fsdp2_per_decoder_layer():
+    from torch.distributed.fsdp import StateDictType
+
+    from codetune.train.distributed import fsdp_plugin
+
+    p = fsdp_plugin("StableLmDecoderLayer")
+    assert p.fsdp_version == 2 and p.reshard_after_forward is True
+    assert p.transformer_cls_names_to_wrap == ["StableLmDecoderLayer"]
+    assert p.state_dict_type == StateDictType.FULL_STATE_DICT and not p.cpu_ram_efficient_loading
