@@ -7,11 +7,15 @@ reproducibility."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from codetune.config import ConfigError, EvalConfig
+from codetune.fields import spec_of
 
 
 @dataclass
@@ -22,27 +26,24 @@ class GenSettings:
     stop: tuple[str, ...] = ()
     batch_size: int = 8
     seed: int = 0
-    decode: str = "auto"  # see EVAL_DECODE_MODES
+    decode: str = "auto"  # EvalConfig.eval_decode
 
 
-EVAL_DECODE_MODES = ("auto", "batched", "eager")
-EVAL_DECODE_HELP = ("how eval generates: batched (greedy through a static KV cache, CUDA-graphed steps on a GPU, "
-                    "stop strings checked every few steps; same ids as eager), eager (transformers' generate with "
-                    "its dynamic cache, the reference), auto (batched for greedy runs where the model takes a "
-                    "static cache, eager for sampling)")
+EVAL_DECODE_MODES = next(spec_of(f).choices for f in dataclasses.fields(EvalConfig) if f.name == "eval_decode")
 
 
 def resolve_decode(settings: GenSettings, model) -> str:
-    """The way a batch will run: `auto` resolved; ValueError (naming the fix) for one that cannot run."""
+    """The way a batch will run (see EvalConfig.eval_decode): `auto` resolved, sampling always eager;
+    ConfigError (naming the fix) for a mode that cannot run."""
     from codetune.export.static_decode import static_unsupported
 
     if settings.decode not in EVAL_DECODE_MODES:
-        raise ValueError(f"eval_decode={settings.decode!r}: choose one of {', '.join(EVAL_DECODE_MODES)}")
-    if settings.decode == "eager":
+        raise ConfigError(f"eval_decode={settings.decode!r}: choose one of {', '.join(EVAL_DECODE_MODES)}")
+    if settings.decode == "eager" or settings.temperature > 0:  # the batched path is greedy only
         return "eager"
-    why = "it decodes greedily only (sampling runs eager)" if settings.temperature > 0 else static_unsupported(model)
+    why = static_unsupported(model)
     if settings.decode == "batched" and why:
-        raise ValueError(f"--eval-decode batched: {why}; use --eval-decode eager or auto")
+        raise ConfigError(f"--eval-decode batched: {why}; use --eval-decode eager or auto")
     return "eager" if why else "batched"
 
 

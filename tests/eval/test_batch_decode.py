@@ -4,6 +4,7 @@ checked every few steps and a batch ends once every row has stopped."""
 
 import pytest
 
+from codetune.config import ConfigError
 from codetune.eval.batch_decode import BatchDecoder
 from codetune.eval.generation import GenSettings, GenStats, generate, resolve_decode
 
@@ -60,11 +61,18 @@ def test_batch_ends_once_every_row_stopped(tiny_model, tokenizer):
 
 def test_auto_is_batched_for_greedy_and_eager_for_sampling(tiny_model):
     assert resolve_decode(GenSettings(), tiny_model) == "batched"
-    assert resolve_decode(GenSettings(temperature=0.8), tiny_model) == "eager"
-    with pytest.raises(ValueError, match="greedily only"):
-        resolve_decode(GenSettings(temperature=0.8, decode="batched"), tiny_model)
-    with pytest.raises(ValueError, match="choose one of"):
+    assert resolve_decode(GenSettings(decode="eager"), tiny_model) == "eager"
+    assert resolve_decode(GenSettings(temperature=0.8, decode="batched"), tiny_model) == "eager"
+    with pytest.raises(ConfigError, match="choose one of"):
         resolve_decode(GenSettings(decode="fast"), tiny_model)
+
+
+def test_eval_decode_is_an_eval_option():
+    from codetune.config import EvalConfig
+
+    assert EvalConfig().eval_decode == "auto"
+    with pytest.raises(ConfigError, match="eval_decode"):
+        EvalConfig(eval_decode="fast").validate()
 
 
 def test_left_padding_changes_nothing_for_a_row(tiny_model, tokenizer):
