@@ -233,7 +233,8 @@ class EvalConfig(Section):
     gen_batch_size: int = opt(8, "prompts generated together", used_by=EVAL, ge=1)
     eval_decode: str = opt("auto", "how completions are decoded: batched (greedy runs through a static KV cache, "
                            "CUDA-graphed on a GPU; same ids as eager), eager (transformers' generate, the reference; "
-                           "sampled runs always use it), auto (batched where the model takes a static cache)",
+                           "sampled runs always use it), auto (batched on the CPU where the model takes a static cache; "
+                           "eager on a GPU until a GPU run has measured batched)",
                            used_by=EVAL, choices=("auto", "batched", "eager"))
     fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split",
                                  used_by=EVAL)
