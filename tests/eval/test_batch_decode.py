@@ -2,11 +2,9 @@
 (the eager path) for left-padded batches of prompts of different lengths, greedy; stop strings are
 checked every few steps and a batch ends once every row has stopped."""
 
-import contextlib
 import logging
 
 import pytest
-import torch
 
 from codetune.config import ConfigError
 from codetune.eval.batch_decode import BatchDecoder
@@ -87,51 +85,13 @@ def test_left_padding_changes_nothing_for_a_row(tiny_model, tokenizer):
     assert together[2] == alone[0]
 
 
-class _FakeCuda:
-    """Enough of torch.cuda for static_decode.capture_step on the CPU (as tests/export/test_static_decode.py
-    fakes it for the single-stream decoder): the capture runs the step, keeps its output as the graph's
-    buffer and undoes its effect on the cache, as a real capture records kernels without running them;
-    replay runs the step again into that buffer. mode: "exact", "differ" (replays are off a little), "fail"."""
-
-    def __init__(self, decoder, mode, monkeypatch):
-        self.mode, self.replays, self.last = mode, 0, None
-        forward, fake = decoder._forward, self
-
-        def recording_forward(slot, x, pos):
-            fake.last = (slot, forward(slot, x, pos))
-            return fake.last[1]
-
-        class Graph:
-            def replay(self):
-                fake.replays += 1
-                self.out.copy_(forward(self.slot, self.slot.token, self.slot.pos)
-                               + (1e-3 if fake.mode == "differ" else 0))
-
-        @contextlib.contextmanager
-        def graph(g, capture_error_mode="global"):
-            if fake.mode == "fail":
-                raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
-            yield
-            g.slot, g.out = fake.last
-            g.slot.cache.crop(-1)
-
-        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-        monkeypatch.setattr(decoder, "_forward", recording_forward)
-        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", graph)
-
-
 @pytest.mark.parametrize("mode", ["exact", "differ", "fail"])
-def test_graph_exact_or_fall_back(tiny_model, tokenizer, monkeypatch, caplog, mode):
+def test_graph_exact_or_fall_back(tiny_model, tokenizer, fake_cuda_graphs, caplog, mode):
     enc = _enc(tokenizer, PROMPTS)
     n = 12
     ref = BatchDecoder(tiny_model, graphs=False).greedy(enc["input_ids"], enc["attention_mask"], n, end_ids=[])
     d = BatchDecoder(tiny_model, graphs=True)
-    fake = _FakeCuda(d, mode, monkeypatch)
+    fake = fake_cuda_graphs(d, mode)
     with caplog.at_level(logging.WARNING, logger="codetune.eval"):
         for _ in range(2):  # the second batch of the same shape replays the same graph (or tries none)
             assert d.greedy(enc["input_ids"], enc["attention_mask"], n, end_ids=[]) == ref
