@@ -6,7 +6,7 @@ Same parameters, same math, same attention kernel as transformers' `StableLmDeco
     h = h + o_proj(attention(q, k, v))                               transformers' attention function
     m = silu(g) * u  with  g, u = LN2(h) [Wg; Wu]^T + LoRA           one node
     h = h + down_proj(m)                                             one node
-    (past MLP_CHUNK_BYTES the last two lines run in sequence chunks: _ChunkedMLP)
+    (past EngineOptions.mlp_chunk_bytes the last two lines run in sequence chunks: _ChunkedMLP)
 
 Why: the 4k-token step was CPU-bound (bench/results: 262 ms of GPU work in a 465 ms step) on per-op
 and per-module Python overhead, x3 per layer (forward, recomputed forward, backward). Fusing the
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from codetune.model.attention import SPAN_KEYS
-from codetune.model.lora_fast import Projections, Rotary, compute_dtype_of, fused, holding, lora_parts
+from codetune.model.engine_state import EngineState
+from codetune.model.lora_fast import Projections, compute_dtype_of, fused, holding, lora_parts
+from codetune.model.rotary import Rotary, RotaryInputs
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -47,15 +49,6 @@ def _dropout_free(layer) -> bool:
     if drop is not None and getattr(drop, "p", 0.0) > 0:
         return False
     return float(getattr(layer.self_attn, "attention_dropout", 0.0) or 0.0) == 0.0
-
-
-# The MLP runs in row chunks when its widest activation (tokens x intermediate, bf16) would exceed this:
-# at 16k tokens stable-code-3b's gate|up output alone is 453 MiB, and backward needs it twice over.
-# Chunks cost no FLOPs (see _ChunkedMLP) but CPU time per launch, and an 8k step is already near
-# CPU-bound. Measured on an H200 (bench/results/raw/s4b.*), stable-code-3b NF4 tok/s / GiB reserved:
-#   8k:  32 MiB 17,120 / 2.89   64 MiB 18,288 / 3.13   128 MiB (unchunked) ~19,300 / 3.64
-#   16k: 32 MiB 13,933 / 3.79   64 MiB 14,447 / 4.04   128 MiB 14,910 / 4.74 (call A, another H200)
-MLP_CHUNK_BYTES = 64 * 2**20
 
 
 class _ChunkedMLP(torch.autograd.Function):
@@ -90,11 +83,12 @@ class _ChunkedMLP(torch.autograd.Function):
         return dx, None, None, None, None
 
 
-def mlp_chunk_rows(batch: int, seq: int, inter: int, elem: int) -> int:
+def mlp_chunk_rows(batch: int, seq: int, inter: int, elem: int, budget: int) -> int:
     """Sequence positions per MLP chunk: the fewest chunks that keep one (rows x intermediate) activation
-    within MLP_CHUNK_BYTES, of equal size, rounded up to a multiple of 64 past 256 (no ragged last chunk;
-    row counts that GEMM tiles divide). `seq` (one chunk) when the whole MLP fits."""
-    limit = max(1, MLP_CHUNK_BYTES // (batch * inter * elem))
+    within `budget` bytes (EngineOptions.mlp_chunk_bytes: why 64 MiB, see there), of equal size, rounded up
+    to a multiple of 64 past 256 (no ragged last chunk; row counts that GEMM tiles divide). `seq` (one
+    chunk) when the whole MLP fits. The one rule: the fused layer and the planner (plan/memory.py) ask it."""
+    limit = max(1, budget // (batch * inter * elem))
     if limit >= seq:
         return seq
     per_chunk = -(-seq // -(-seq // limit))  # ceil(seq / number of chunks)
@@ -106,21 +100,23 @@ def _slices(n: int, step: int):
 
 
 class FastDecoderLayer:
-    """The fused training forward of one StableLM decoder layer (see the module docstring)."""
+    """The fused training forward of one StableLM decoder layer (see the module docstring). `state`: the
+    installation's (engine_state.EngineState), shared by all its layers."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, state: EngineState):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.stablelm.modeling_stablelm import eager_attention_forward
 
-        self.layer = layer
+        self.layer, self.state = layer, state
         attn = layer.self_attn
         self.mods = [_get(layer, p) for p in _PROJ]
-        self.qkv = Projections([lora_parts(m)[0] for m in self.mods[:3]])
-        self.o = Projections([lora_parts(self.mods[3])[0]])
-        self.gate_up = Projections([lora_parts(m)[0] for m in self.mods[4:6]])
-        self.down = Projections([lora_parts(self.mods[6])[0]])
+        bases = [lora_parts(m).base for m in self.mods]
+        self.qkv = Projections(bases[:3], state)
+        self.o = Projections(bases[3:4], state)
+        self.gate_up = Projections(bases[4:6], state)
+        self.down = Projections(bases[6:7], state)
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
-        self.rotary = Rotary(self.heads, self.kv_heads, self.head_dim, attn.rotary_ndims)
+        self.rotary = Rotary(self.heads, self.kv_heads, self.head_dim, attn.rotary_ndims, state.rotary)
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                                eager_attention_forward)
         self.parallel = bool(layer.use_parallel_residual)
@@ -141,7 +137,7 @@ class FastDecoderLayer:
         x = F.layer_norm(hidden, (h,), ln1.weight, ln1.bias, ln1.eps)
         dtype = compute_dtype_of(x)
         cos, sin = position_embeddings
-        q, k, v = fused(x, self.qkv, parts[:3], dtype, "rotary", (self.rotary, cos.to(dtype), sin.to(dtype)))
+        q, k, v = fused(x, self.qkv, parts[:3], dtype, "rotary", RotaryInputs(self.rotary, cos.to(dtype), sin.to(dtype)))
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -163,14 +159,16 @@ class FastDecoderLayer:
         def mlp(t, grad_only=False):
             return swiglu_mlp(F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps), grad_only)
 
-        rows = mlp_chunk_rows(b, s, self.gate_up.sizes[0], torch.finfo(dtype).bits // 8)
+        rows = mlp_chunk_rows(b, s, self.gate_up.sizes[0], torch.finfo(dtype).bits // 8,
+                              self.state.options.mlp_chunk_bytes)
         if rows >= s:
             return hidden + mlp(hidden, grad_only)
         return hidden + _ChunkedMLP.apply(hidden, mlp, rows, grad_only, (self.gate_up, self.down))
 
 
-def fast_forward(layer) -> FastDecoderLayer | None:
-    """A FastDecoderLayer for `layer`, or None where it would not be exact (see the module docstring)."""
+def fast_forward(layer, state: EngineState | None = None) -> FastDecoderLayer | None:
+    """A FastDecoderLayer for `layer` (state: the installation's; a new one if None), or None where it would
+    not be exact (see the module docstring)."""
     attn = getattr(layer, "self_attn", None)
     if attn is None or type(layer).__name__ != "StableLmDecoderLayer" or getattr(attn, "qk_layernorm", True):
         return None
@@ -184,4 +182,4 @@ def fast_forward(layer) -> FastDecoderLayer | None:
         return None
     if getattr(attn, "rotary_ndims", 0) % 2:
         return None
-    return FastDecoderLayer(layer)
+    return FastDecoderLayer(layer, state or EngineState())

@@ -18,21 +18,23 @@ exact: one active adapter, no dropout, no DoRA, not merged. Anything else keeps 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
 import torch
 
-from codetune.model.rotary_kernel import STATUS, rotary_triton
+from codetune.model.engine_state import EngineState
+from codetune.model.rotary import RotaryInputs
 from codetune.model.swiglu import swiglu_backward, swiglu_forward
 
 
-def weight_source(base: torch.nn.Module):
-    """A function (dtype, out=None) -> the base layer's weight as a dense (out, in) tensor."""
+def weight_source(base: torch.nn.Module, nf4_kernel: bool = True):
+    """A function (dtype, out=None) -> the base layer's weight as a dense (out, in) tensor. nf4_kernel=False:
+    NF4 weights through bitsandbytes' own dequantization (EngineOptions.nf4_dequant)."""
     if type(base.weight).__name__ == "Params4bit":
         from codetune.model.nf4 import Nf4Weight
 
-        return Nf4Weight(base.weight)
+        return Nf4Weight(base.weight, kernel=nf4_kernel)
 
     def dense(dtype, out=None):
         w = dequantized_weight(base, dtype)
@@ -55,31 +57,22 @@ def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     return w.to(dtype)
 
 
-# Bumped after every optimizer step (train/optim.py registers `adapters_changed` as a step hook): fused
-# optimizers (torch's fused AdamW, bitsandbytes' paged 8-bit) update parameters in place WITHOUT bumping
-# their version counters, so `_version` alone would keep serving the adapters of step 0 (measured: a
-# loss curve that never moved). Both are checked.
-_EPOCH = [0]
-
-
-# The compute-dtype adapters of the few most recently used projections: a layer's backward reuses what
-# its recompute just cast (4 fused nodes per layer). Not every layer's: those copies (48 MiB on
-# stable-code-3b) were measured alive at the step's peak.
-_CASTS: OrderedDict = OrderedDict()
-_CASTS_KEPT = 8
-
-
-def adapters_changed(*_args) -> None:
-    """Invalidate every cached compute-dtype copy of the adapters (an optimizer step hook)."""
-    _EPOCH[0] += 1
+class LoraParts(NamedTuple):
+    """One projection of a fused node: its frozen base layer and, when it has one, its LoRA adapter."""
+    base: torch.nn.Module
+    A: torch.Tensor | None      # (r, in), PEFT's own parameter
+    B: torch.Tensor | None      # (out, r)
+    scale: float                # alpha / r
 
 
 class Projections:
-    """The frozen part of a fused node: n weight sources, their output sizes and (frozen) biases."""
+    """The frozen part of a fused node: n weight sources, their output sizes and (frozen) biases, and the
+    installation's state (engine_state.EngineState: the adapter cast cache, the NF4 dequant choice)."""
 
-    def __init__(self, bases: list[torch.nn.Module]):
+    def __init__(self, bases: list[torch.nn.Module], state: EngineState | None = None):
         self.bases = bases
-        self.sources = [weight_source(b) for b in bases]
+        self.state = state or EngineState()
+        self.sources = [weight_source(b, self.state.options.nf4_dequant == "triton") for b in bases]
         self.sizes = [int(b.out_features) for b in bases]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # first column of each output
         self.in_features = int(bases[0].in_features)
@@ -110,23 +103,16 @@ class Projections:
             self.held = None
 
     def adapters(self, As, Bs, lora: list[int], dtype: torch.dtype):
-        """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until the
-        optimizer (or a checkpoint load) changes a tensor in place — each cast and the concatenation
-        is a kernel launch, and the node runs three times per step (forward, recompute, backward)."""
+        """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until an
+        optimizer step or an in-place write changes a tensor (engine_state.AdapterCasts says how it
+        knows) — each cast and the concatenation is a kernel launch, and the node runs three times per
+        step (forward, recompute, backward)."""
         if As[lora[0]].is_cuda and torch.cuda.is_current_stream_capturing():
             # inside a CUDA graph (model/graphs.py) the casts are part of the graph, so every replay
             # reads the parameters' current values; a cached copy would be frozen into it
             return self._cast(As, Bs, lora, dtype)
-        key = (dtype, _EPOCH[0]) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
-        hit = _CASTS.get(id(self))
-        if hit is not None and hit[0] == key:
-            _CASTS.move_to_end(id(self))
-            return hit[1]
-        val = self._cast(As, Bs, lora, dtype)
-        _CASTS[id(self)] = (key, val)
-        if len(_CASTS) > _CASTS_KEPT:
-            _CASTS.popitem(last=False)
-        return val
+        key = (dtype,) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
+        return self.state.casts.get(self, key, lambda: self._cast(As, Bs, lora, dtype))
 
     @staticmethod
     def _cast(As, Bs, lora: list[int], dtype: torch.dtype):
@@ -152,72 +138,18 @@ def holding(projections) -> ExitStack:
     return stack
 
 
-class Rotary:
-    """Partial rotary embedding of q and k, applied in place on the fused q|k|v output (transformers'
-    `q*cos + rotate_half(q)*sin` on the first `rot` dims of each head, same rounding, op for op).
-    On CUDA one Triton launch (model/rotary_kernel.py) replaces the eight strided elementwise ops."""
-
-    def __init__(self, heads: int, kv_heads: int, head_dim: int, rot: int):
-        self.heads, self.kv_heads, self.head_dim, self.rot = heads, kv_heads, head_dim, rot
-
-    def _parts(self, y: torch.Tensor, batch: int):
-        n, hd = y.shape[0], self.head_dim
-        seq = n // batch
-        q_end, k_end = self.heads * hd, (self.heads + self.kv_heads) * hd
-        if self.heads == self.kv_heads:  # q and k in one strided view: half the launches
-            yield y[:, :k_end].view(batch, seq, 2, self.heads, hd)[..., :self.rot], 2
-        else:
-            yield from self._head_views([(y[:, :q_end], self.heads), (y[:, q_end:k_end], self.kv_heads)], batch)
-
-    def _head_views(self, tensors, batch: int):
-        for t, heads in tensors:
-            yield t.view(batch, t.shape[0] // batch, heads, self.head_dim)[..., :self.rot], 1
-
-    def apply_(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
-               inverse: bool = False) -> None:
-        """y: (batch*seq, q|k|v); cos/sin: (batch or 1, seq, rot). inverse=True applies the transpose
-        (the backward of a rotation)."""
-        if y.is_cuda and STATUS["ok"] is not False:
-            ref = y.clone() if STATUS["ok"] is None else None  # first use: check against the PyTorch ops
-            if rotary_triton(y, cos, sin, batch, self.heads + self.kv_heads, self.head_dim, self.rot // 2, inverse):
-                if ref is not None:
-                    self._ops(self._parts(ref, batch), cos, sin, inverse)
-                    STATUS["ok"] = bool(torch.equal(y, ref))
-                    STATUS["check"] = "identical" if STATUS["ok"] else "differs: PyTorch ops used from now on"
-                    y.copy_(ref)
-                return
-        self._ops(self._parts(y, batch), cos, sin, inverse)
-
-    def apply_qk_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
-                  inverse: bool = False) -> None:
-        """The same on separate q (batch*seq, heads*hd) and k (batch*seq, kv_heads*hd) tensors (the
-        backward gets dq and dk from attention as two tensors: no concatenated copy)."""
-        todo = []
-        for t, heads in ((q, self.heads), (k, self.kv_heads)):
-            # (the kernel was checked against the PyTorch ops by the forward's first apply_)
-            if not (t.is_cuda and STATUS["ok"]
-                    and rotary_triton(t, cos, sin, batch, heads, self.head_dim, self.rot // 2, inverse)):
-                todo.append((t, heads))
-        if todo:
-            self._ops(self._head_views(todo, batch), cos, sin, inverse)
-
-    def _ops(self, parts, cos, sin, inverse):
-        half = self.rot // 2
-        for part, extra in parts:
-            shape = (cos.shape[0], cos.shape[1]) + (1,) * extra + (half,)
-            c1, c2 = cos[..., :half].reshape(shape), cos[..., half:].reshape(shape)
-            s1, s2 = sin[..., :half].reshape(shape), sin[..., half:].reshape(shape)
-            x1, x2 = part[..., :half], part[..., half:]
-            if inverse:  # transpose of [[c1, -s1], [s2, c2]]
-                n1, n2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
-            else:
-                n1, n2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-            x1.copy_(n1)
-            x2.copy_(n2)
+class FusedSpec(NamedTuple):
+    """What a fused node computes, besides its tensor inputs."""
+    proj: Projections
+    scales: list[float]               # per projection: its adapter's alpha / r (1.0 without one)
+    dtype: torch.dtype                # the compute dtype
+    epilogue: str                     # "none" | "rotary" | "swiglu" | "unused" (see _Fused)
+    rotary: RotaryInputs | None       # with epilogue "rotary"
 
 
 class _Fused(torch.autograd.Function):
-    """x -> outputs; args after `spec`: A_1, B_1, ..., A_n, B_n (None where a projection has no adapter).
+    """x -> outputs; args after `spec` (a FusedSpec): A_1, B_1, ..., A_n, B_n (None where a projection has
+    no adapter).
 
     Epilogue "unused": the caller will never read the output's values, only back-propagate through it
     (the last projection of a layer recomputed for its backward: the recomputed layer output is thrown
@@ -226,7 +158,7 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, spec, *ab):
-        proj, scales, dtype, epi, extra = spec
+        proj, scales, dtype, epi = spec.proj, spec.scales, spec.dtype, spec.epilogue
         in_dtype, shape = x.dtype, x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -253,9 +185,8 @@ class _Fused(torch.autograd.Function):
                         y[:, c:c + proj.sizes[i]].addmm_(xa[:, r0:r0 + r], b_list[j].t(), alpha=scales[i])
                     r0 += r
             if epi == "rotary":
-                rotary, cos, sin = extra
-                rotary.apply_(y, cos, sin, shape[0])
-                ctx.rotary = extra
+                rot = spec.rotary
+                rot.rotary.apply_(y, rot.cos, rot.sin, shape[0])
                 outs = [o.view(*shape[:-1], o.shape[-1]) for o in y.split(proj.sizes, dim=1)]
             elif epi == "swiglu":
                 outs = [swiglu_forward(y, proj.sizes[0]).view(*shape[:-1], proj.sizes[0])]
@@ -267,7 +198,8 @@ class _Fused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        proj, scales, dtype, epi, _ = ctx.spec
+        spec = ctx.spec
+        proj, scales, dtype, epi = spec.proj, spec.scales, spec.dtype, spec.epilogue
         x2, xa, *ab, y = ctx.saved_tensors
         As, Bs = ab[0::2], ab[1::2]
         n_rows = x2.shape[0]
@@ -282,9 +214,9 @@ class _Fused(torch.autograd.Function):
                           for d, n, c in zip(grads, proj.sizes, proj.offsets)]
                 if epi == "rotary":
                     # in place on dq and dk: each is attention's own gradient buffer, read by nothing else
-                    rotary, cos, sin = ctx.rotary
+                    rot = spec.rotary
                     blocks[:2] = [(t if t.stride(1) == 1 else t.contiguous(), c) for t, c in blocks[:2]]
-                    rotary.apply_qk_(blocks[0][0], blocks[1][0], cos, sin, ctx.shape[0], inverse=True)
+                    rot.rotary.apply_qk_(blocks[0][0], blocks[1][0], rot.cos, rot.sin, ctx.shape[0], inverse=True)
 
             def dy_of(i: int) -> torch.Tensor:  # projection i's columns of the output gradient
                 c = proj.offsets[i]
@@ -326,18 +258,18 @@ class _Fused(torch.autograd.Function):
         return (dx, None, *out)
 
 
-def lora_parts(module):
-    """(base layer, A, B, scale) of a PEFT LoRA linear on the fast path, (module, None, None, 1.0) for a
-    frozen plain linear; None when the fast path would not be exact."""
+def lora_parts(module) -> LoraParts | None:
+    """The LoraParts of a PEFT LoRA linear on the fast path (A, B None for a frozen plain linear); None when
+    the fast path would not be exact."""
     if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
         if getattr(module, "disable_adapters", False) or not _fast_eligible(module):
             return None
         name = module.active_adapters[0]
         base = module.base_layer
-        parts = (base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+        parts = LoraParts(base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
     elif hasattr(module, "weight") and hasattr(module, "in_features") and not hasattr(module, "lora_A"):
         base = module
-        parts = (module, None, None, 1.0)
+        parts = LoraParts(module, None, None, 1.0)
     else:
         return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -347,14 +279,13 @@ def lora_parts(module):
     return parts
 
 
-def fused(x: torch.Tensor, proj: Projections, parts: list, dtype: torch.dtype, epilogue: str = "none",
-          extra=None):
+def fused(x: torch.Tensor, proj: Projections, parts: list[LoraParts], dtype: torch.dtype, epilogue: str = "none",
+          rotary: RotaryInputs | None = None):
     """Run the fused node; parts[i] = lora_parts(...) of projection i."""
     ab = []
-    for _, a, b, _ in parts:
-        ab += [a, b]
-    spec = (proj, [p[3] for p in parts], dtype, epilogue, extra)
-    return _Fused.apply(x, spec, *ab)
+    for p in parts:
+        ab += [p.A, p.B]
+    return _Fused.apply(x, FusedSpec(proj, [p.scale for p in parts], dtype, epilogue, rotary), *ab)
 
 
 def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
@@ -377,10 +308,10 @@ class FastLoRAForward:
     """Replaces one PEFT LoRA layer's forward (instance attribute). Falls back to PEFT's own forward
     whenever the fast path would not be exact (adapter disabled/merged, several adapters, dropout)."""
 
-    def __init__(self, module):
+    def __init__(self, module, state: EngineState):
         self.m = module
         self.original = type(module).forward.__get__(module)
-        self.proj = Projections([module.base_layer])
+        self.proj = Projections([module.base_layer], state)
 
     def __call__(self, x, *args, **kwargs):
         parts = None if (args or kwargs) else lora_parts(self.m)
@@ -389,8 +320,10 @@ class FastLoRAForward:
         return fused(x, self.proj, [parts], compute_dtype_of(x))
 
 
-def install_fast_lora(model) -> int:
-    """Swap the forward of every eligible PEFT LoRA linear; returns how many were swapped."""
+def install_fast_lora(model, state: EngineState | None = None) -> int:
+    """Swap the forward of every eligible PEFT LoRA linear; returns how many were swapped. `state`: the
+    installation's (train/recipe.build_model shares one with install_layer_runners); a new one if None."""
+    state = state or EngineState()
     n = 0
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "scaling"):
@@ -398,7 +331,7 @@ def install_fast_lora(model) -> int:
                 continue
             if not _fast_eligible(module):
                 continue
-            module.forward = FastLoRAForward(module)
+            module.forward = FastLoRAForward(module, state)
             n += 1
     return n
 

@@ -183,6 +183,7 @@ def fused_layer_bytes(shape: Shape, tokens: int, batch: int, elem: int = 2) -> i
     recompute saves (LN1 output, q|k|v, attention output + logsumexp, the residual after attention), then
     the larger of attention's backward (+ the gradient it hands on) and one MLP chunk's backward (gate|up
     output, overwritten by its gradient; SwiGLU output and its gradient; the held dequantized weights)."""
+    from codetune.model.engine_state import EngineOptions
     from codetune.model.fast_layer import mlp_chunk_rows
 
     h, i, nh = shape.hidden, shape.intermediate, shape.heads
@@ -190,7 +191,7 @@ def fused_layer_bytes(shape: Shape, tokens: int, batch: int, elem: int = 2) -> i
     saved = tokens * (elem * (h + (h + 2 * kv) + h + h) + 4 * nh)
     attn = tokens * (attn_backward_bytes(h, kv, nh, elem) + elem * h)
     seq = tokens // batch
-    chunk = batch * mlp_chunk_rows(batch, seq, i, elem)
+    chunk = batch * mlp_chunk_rows(batch, seq, i, elem, EngineOptions().mlp_chunk_bytes)
     chunked = chunk < tokens  # then also: the held weights, and the full-length gradient in and out
     mlp = chunk * elem * (2 * i + i + i) + (elem * (3 * h * i + 2 * tokens * h) if chunked else 0)
     return saved + max(attn, mlp)

@@ -61,12 +61,14 @@ def mixed_precision(device: torch.device) -> str:
     return "no" if compute_dtype(device) == torch.bfloat16 else "fp16"
 
 
-def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None):
+def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None, options=None):
     """Load -> adapters/freezing -> train mode -> layer runners (checkpointing, offload, frozen prefix).
-    Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine."""
+    Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine.
+    `options`: model/engine_state.EngineOptions (None: the defaults `codetune train` runs)."""
     from codetune.model.adapters import apply_adapters, causal_lm
     from codetune.model.attention import use_packed_attention
     from codetune.model.engine_plan import engine_plan
+    from codetune.model.engine_state import EngineState
     from codetune.model.graphs import single_process
     from codetune.model.layers import install_layer_runners
     from codetune.model.load import load_model
@@ -83,10 +85,11 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     if plan.packed_attention:
         use_packed_attention(lm)  # (before the layer runners: the fused layers pick it up)
     model.train()  # transformers only checkpoints in train mode; our layer runners key on it too
+    state = EngineState(options)  # (one per model: both installers share its cast cache and kernel check)
     if plan.fused_lora:
-        install_fast_lora(model)
+        install_fast_lora(model, state)
     offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=plan.offload_activations,
-                                      fast=plan.fused_layers, cuda_graphs=plan.cuda_graphs)
+                                      fast=plan.fused_layers, cuda_graphs=plan.cuda_graphs, state=state)
     if plan.cpu_embeddings:
         from codetune.model.embeddings import offload_input_embeddings
 

@@ -287,10 +287,7 @@ def apply_checkpoint(data: CheckpointData, model, optimizer, scheduler, run_cfg:
                           "it belongs to another configuration")
     with torch.no_grad():
         for n, t in data.tensors.items():
-            params[n].copy_(t.to(params[n].device))
-    from codetune.model.lora_fast import adapters_changed
-
-    adapters_changed()  # (copy_ bumps version counters too; this says it outright)
+            params[n].copy_(t.to(params[n].device))  # (bumps version counters: cached adapter casts go stale)
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(data.optimizer)  # (it restores the saved lr, weight decay, ... too)
     for group, hyper in zip(optimizer.param_groups, current):
