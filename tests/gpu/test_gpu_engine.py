@@ -31,6 +31,12 @@ def test_triton_nf4_dequant_equals_bitsandbytes(shape):
     assert src.use_triton, f"Triton path fell back to bitsandbytes: {src.check}"
     exact = (out == ref).float().mean().item()
     assert exact > 0.999, f"only {exact:.4%} of values bit-identical"
+    # EngineOptions(nf4_dequant="bitsandbytes") (bench/train_bench.py --nf4-dequant): bitsandbytes' own path
+    from codetune.model.engine_state import EngineOptions, EngineState
+    from codetune.model.lora_fast import Projections
+
+    bnb_src = Projections([lin], EngineState(EngineOptions(nf4_dequant="bitsandbytes"))).sources[0]
+    assert not bnb_src.use_triton and torch.equal(bnb_src(torch.bfloat16), ref)
 
 
 def test_fast_lora_matches_peft_on_nf4():
@@ -187,17 +193,17 @@ def _tiny_lora(precision, dev):
 
 
 @pytest.mark.parametrize("precision,chunked", [("nf4", False), ("bf16", False), ("nf4", True)])
-def test_fast_layer_on_cuda(precision, chunked, monkeypatch):
+def test_fast_layer_on_cuda(precision, chunked):
     """The fused decoder layer (model/fast_layer.py) on NF4/bf16 weights, packed documents, cuDNN/flash
     attention, offloaded checkpoints. bf16: no less accurate than transformers' layer against the fp32
     result of the same weights. NF4: close to transformers' layer (a wrong rotary, mask or gradient
     would be off by O(1), rounding by ~1e-2 on this tiny high-variance model)."""
-    from codetune.model import fast_layer
+    from codetune.model.engine_state import EngineOptions, EngineState
     from codetune.model.layers import decoder_layers, install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
 
-    if chunked:  # the long-context MLP path: 64 positions per chunk
-        monkeypatch.setattr(fast_layer, "MLP_CHUNK_BYTES", 64 * 172 * 2)
+    # chunked: the long-context MLP path, 64 positions per chunk
+    options = EngineOptions(mlp_chunk_bytes=64 * 172 * 2) if chunked else EngineOptions()
     dev = torch.device("cuda")
     m = _tiny_lora("fp32" if precision == "bf16" else precision, dev)
     ids = torch.randint(0, 512, (1, 256), device=dev)
@@ -205,8 +211,9 @@ def test_fast_layer_on_cuda(precision, chunked, monkeypatch):
     gout = torch.randn(1, 256, 64, device=dev)
 
     def run(fast):
-        install_fast_lora(m) if fast else None
-        install_layer_runners(m, checkpoint=True, offload=True, fast=fast)
+        state = EngineState(options)
+        install_fast_lora(m, state) if fast else None
+        install_layer_runners(m, checkpoint=True, offload=True, fast=fast, state=state)
         assert all((layer.forward.fast is not None) == fast for layer in decoder_layers(m))
         h = m.get_base_model().model(input_ids=ids, position_ids=pos).last_hidden_state
         (h.float() * gout).sum().backward()
@@ -254,25 +261,26 @@ def test_triton_swiglu_backward_matches_autograd():
 
 @pytest.mark.parametrize("kv_heads,inverse", [(32, False), (32, True), (8, False)])
 def test_triton_rotary_equals_pytorch_ops(kv_heads, inverse):
-    """model/rotary_kernel.py against lora_fast.Rotary's PyTorch path (run on the CPU): bit-identical."""
-    from codetune.model.lora_fast import Rotary
+    """model/rotary_kernel.py against rotary.Rotary's PyTorch path (run on the CPU): bit-identical."""
+    from codetune.model.rotary import Rotary
 
     torch.manual_seed(0)
     b, s, hd = 2, 300, 80
     rot = Rotary(32, kv_heads, hd, 20)
     y = torch.randn(b * s, (32 + 2 * kv_heads) * hd).bfloat16()
     cos, sin = torch.randn(b, s, 20).bfloat16(), torch.randn(b, s, 20).bfloat16()
-    from codetune.model.rotary_kernel import STATUS, rotary_triton
+    from codetune.model.rotary_kernel import rotary_triton
 
     ref = y.clone()
     rot.apply_(ref, cos, sin, b, inverse=inverse)  # CPU: PyTorch ops
     got = y.cuda()
-    assert rotary_triton(got, cos.cuda(), sin.cuda(), b, 32 + kv_heads, hd, 10, inverse), STATUS
+    assert rotary_triton(got, cos.cuda(), sin.cuda(), b, 32 + kv_heads, hd, 10, inverse)
     torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
     assert not torch.equal(ref, y)
     got2 = y.cuda()
+    assert rot.check.ok is None  # (this Rotary's installation has not checked the kernel yet)
     rot.apply_(got2, cos.cuda(), sin.cuda(), b, inverse=inverse)  # the first-use self-check passes too
-    assert STATUS["ok"] is True and torch.equal(got2.cpu(), ref), STATUS
+    assert rot.check.ok is True and torch.equal(got2.cpu(), ref), rot.check
     # separate q and k tensors (the backward's dq, dk): the same rotation, kernel and PyTorch ops alike
     q_end, k_end = 32 * hd, (32 + kv_heads) * hd
     for dev in ("cuda", "cpu"):
