@@ -117,11 +117,13 @@ def run_one(name: str, overrides: dict, seq: int, a, data: Path, repo: Path) -> 
              "train.save_every": a.eval_every if a.save_every is None else a.save_every,
              **({"train.eval_batches": a.eval_batches} if a.eval_batches else {}), **overrides}
     cmd = [sys.executable, "-m", "codetune", "train", "--config", PRESET, "--random-init",
-           "--data-dir", str(data), "--out-dir", str(out_dir), "--no-progress", *argv_of(flags)]
+           "--data-dir", str(data), "--out-dir", str(out_dir), "--no-progress", *argv_of(flags),
+           *(["--num-gpus", str(a.num_gpus), "--distributed", a.distributed] if a.num_gpus > 1 else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     rec = {"path": "codetune train, prepared real code", "config": name, "seq": seq, "repo": str(repo),
-           "overrides": overrides, "max_vram": cap_for(seq), "eval_every": a.eval_every,
+           "overrides": overrides, "max_vram": cap_for(seq), "eval_every": a.eval_every, "num_gpus": a.num_gpus,
+           "distributed": a.distributed if a.num_gpus > 1 else None,
            "seconds": round(time.perf_counter() - t0, 1)}
     if proc.returncode != 0:
         (Path(a.workdir) / f"{out_dir.name}.log").write_text(proc.stdout + proc.stderr)
@@ -151,6 +153,9 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=None, help="default: --eval-every; 0 = only at the end")
     ap.add_argument("--eval-batches", type=int, default=None, help="default: the preset's")
     ap.add_argument("--keep-metrics", default=None, help="folder for each run's metrics.jsonl")
+    ap.add_argument("--num-gpus", type=int, default=1, help="`codetune train --num-gpus` (tokens/s: all GPUs "
+                    "together; memory: the main process's GPU)")
+    ap.add_argument("--distributed", choices=["ddp", "fsdp"], default="ddp", help="with --num-gpus > 1")
     a = ap.parse_args()
     a.steps = lambda seq: max(a.min_steps, a.tokens // seq)
     for d in (a.workdir, a.keep_metrics):

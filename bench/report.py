@@ -1,7 +1,10 @@
 """Turn one device call's results.jsonl + env.json (from bench/run_gpu.sh) into the committed record:
 a JSON file and a Markdown table of codetune against both peers, as ratios from the same call.
 
-Usage: python3 bench/report.py RESULTS_DIR OUT_STEM   (writes OUT_STEM.json and OUT_STEM.md)
+Usage: python3 bench/report.py RESULTS_DIR [RESULTS_DIR ...] OUT_STEM [--replan]
+(writes OUT_STEM.json and OUT_STEM.md; several RESULTS_DIRs of one session's calls make one record, their
+suites and commits named). --replan puts the current planner's prediction beside each real run (the one
+tests/plan/test_real_runs.py holds) in place of the one made at measurement time, and says so.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def table(results: list[dict]) -> list[str]:
     peers = {("unsloth", key(r)): r for r in results if r.get("peer") == "unsloth"}
     peers.update({("hf", key(r)): r for r in results if r.get("peer") == "hf-peft-bnb"})
     ours = [r for r in results if r.get("engine") == "codetune" and "tokens_per_s" in r]
+    if not ours and not peers:
+        return []
     out = ["| configuration | codetune tok/s | reserved GiB | (reserved − allocated) / allocated | vs Unsloth speed "
            "| vs Unsloth memory | vs HF speed | vs HF memory |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(ours, key=lambda r: (r["quant"], r.get("last_layers", 0), r["seq"])):
@@ -121,19 +126,43 @@ def real_table(results: list[dict]) -> list[str]:
     return out + [""]
 
 
+def replan(results: list[dict]) -> str:
+    """The current planner's predictions for the real runs; returns the commit they come from."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_train import predict
+
+    for r in results:
+        if r.get("path", "").startswith("codetune train") and "error" not in r:
+            r.update(predict(r["overrides"], r["seq"]))
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+
+
 def main() -> None:
-    results_dir, stem = Path(sys.argv[1]), Path(sys.argv[2])
-    env, results = load(results_dir)
+    args = [a for a in sys.argv[1:] if a != "--replan"]
+    dirs, stem = [Path(a) for a in args[:-1]], Path(args[-1])
+    loaded = [load(d) for d in dirs]
+    env, results = dict(loaded[0][0]), [r for _, rs in loaded for r in rs]
+    for key in ("suite", "commit"):  # one record of several calls names every suite and commit
+        env[key] = " + ".join(dict.fromkeys(str(e.get(key)) for e, _ in loaded))
+    planned_at = replan(results) if "--replan" in sys.argv else None
     date = datetime.date.today().isoformat()
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"date": date, "env": env, "results": results}, indent=1))
+    record = {"date": date, "env": env, "results": results, **({"planned_at": planned_at} if planned_at else {})}
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
     lines = [f"# Training throughput and memory — {env['gpu']}, {date}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"bitsandbytes {env['bitsandbytes']}, accelerate {env['accelerate']}, Python {env['python']}. "
              "Random-init stable-code-3b shape, LoRA r=16 on all linear layers (unless noted), batch 1, "
              "5 warm-up + 10 timed steps, median. Ratios are against peers run in the same device call.", ""]
     if env.get("commit") or env.get("suite"):
-        lines += [f"Suite `bench/suites/{env.get('suite')}.txt`, commit {env.get('commit')}, run {env.get('date', date)}.", ""]
+        suites = ", ".join(f"`bench/suites/{s}.txt`" for s in env["suite"].split(" + "))
+        lines += [f"Suites {suites}, commit {env.get('commit')}, run {env.get('date', date)}.", ""]
+    if planned_at:
+        lines += [f"Planned GiB: `codetune plan` at commit {planned_at} (tests/plan/test_real_runs.py holds it to "
+                  "these runs), not the prediction made at measurement time.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines + real_table(results) + table(results)) + "\n")
 
 

@@ -40,9 +40,10 @@ while IFS= read -r line; do
     unsloth)  cmd="python3 .bench-peers/unsloth_baseline.py $args";;
     sh)       cmd="$args";;
   esac
-  res=$(eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep '^{.*}$')
-  [ -n "$res" ] || res='{"error": "no result, see log"}'
-  while IFS= read -r r; do   # one record per JSON line (train_bench prints one per length)
-    echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $r}" | tee -a "$OUT/results.jsonl"
-  done <<< "$res"
+  # one record per JSON line, written as the job prints it: a job killed by a timeout keeps what it finished
+  n=$( (eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep --line-buffered '^{.*}$' | { k=0
+    while IFS= read -r r; do
+      echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $r}" >> "$OUT/results.jsonl"; k=$((k + 1))
+    done; echo $k; }) )
+  [ "$n" = 0 ] && echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": {\"error\": \"no result, see log\"}}" >> "$OUT/results.jsonl"
 done < "$1"

@@ -15,12 +15,24 @@ from codetune.config import ConfigError
 # The names the writers below give their temporary and parked-aside paths (aside, temp_dir_beside,
 # write_file): ".<name>.tmp-<pid>[.<suffix>]" and ".<name>.old-<pid>". Whoever cleans up after a killed
 # writer asks is_leftover rather than spelling the names out again.
-_LEFTOVER = re.compile(r"\.[^/]+\.(tmp|old)-\d+(\.\w+)?")
+_LEFTOVER = re.compile(r"\.[^/]+\.(tmp|old)-(\d+)(\.\w+)?")
 
 
 def is_leftover(name: str) -> bool:
     """Whether `name` is a temporary or parked-aside path one of this module's writers makes."""
     return _LEFTOVER.fullmatch(name) is not None
+
+
+def leftover_pid(name: str) -> int | None:
+    """The process that made the temporary or parked-aside path `name` (None: not one of ours)."""
+    m = _LEFTOVER.fullmatch(name)
+    return int(m.group(2)) if m else None
+
+
+def temp_beside(dst: Path) -> Path:
+    """The temporary path this process builds `dst` in: beside it, so the final rename stays on one file system."""
+    dst = Path(dst)
+    return dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
 
 
 def aside(dst: Path, pid: int | str | None = None) -> Path:
@@ -70,7 +82,7 @@ def temp_dir_beside(dst: Path) -> Path:
     process. Creating it up front proves the target's folder is writable before any slow work."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = temp_beside(dst)
     shutil.rmtree(tmp, ignore_errors=True)  # only ever this process's own name: a leftover of an earlier call
     tmp.mkdir()
     return tmp

@@ -15,8 +15,9 @@ import sys
 import traceback
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
-from codetune import __version__
+from codetune import __version__, atomic
 from codetune.cli_flags import (
     Parser,
     UsageError,
@@ -45,6 +46,8 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("codetune.plan.planner:run", "will it fit? predict GPU memory and pick settings for your card"),
     "merge": Command("codetune.export.merge:run",
                      "merge a LoRA adapter into the bf16/fp16 base weights and write a HF model directory"),
+    "export": Command("codetune.export.gguf_export:run",
+                      "export gguf: one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile"),
     "generate": Command("codetune.export.generate:run", "complete a prompt or fill in the middle, streaming tokens"),
     "serve": Command("codetune.serve.app:run", "OpenAI-compatible /v1/completions server (with FIM via suffix)"),
     "demo": Command("codetune.demo:run",
@@ -131,13 +134,11 @@ def explain(e: BaseException) -> tuple[str, int] | None:
         if isinstance(e, PermissionError) or e.errno == errno.EACCES:
             return (f"permission denied: {path or e}; choose a folder you can write to (--out-dir, --data-dir, "
                     "--eval-dir) or fix its permissions"), 2
-        if e.errno == errno.ENOSPC:
-            where = f" writing {path}" if path else ""
-            return (f"no space left on the device{where}; free some space or write to another disk "
-                    "(--out-dir, --data-dir, --eval-dir)"), 2
-        if e.errno == errno.EROFS:
-            return (f"read-only file system: {path or e}; write somewhere writable (--out-dir, --data-dir, "
-                    "--eval-dir)"), 2
+        # a full or read-only disk: the same words as every writer's own check (atomic.write_error)
+        err = atomic.write_error(Path(path) if path else Path("."), e,
+                                 "write to another folder (--out-dir, --data-dir, --eval-dir)")
+        if err is not None:
+            return str(err), 2
     return None
 
 

@@ -186,6 +186,12 @@ class TrainConfig(Section):
     cpu_embeddings: bool = opt(True, "keep the frozen input-embedding table in CPU RAM and copy only each batch's rows "
                                      "to the GPU (stable-code-3b: -0.24 GiB; exact; one GPU process, untied weights)",
                                used_by=TRAIN_PLAN)
+    num_gpus: int | None = opt(None, "train on N GPUs of this host: re-runs itself through `accelerate launch` "
+                                     "(docs/training.md); default: one process, or as many as an outside launcher "
+                                     "started", used_by=TRAIN, ge=1)
+    distributed: str = opt("ddp", "how several processes split the work: ddp (each holds the whole model, the "
+                                  "data is split) or fsdp (FSDP2: parameters, gradients and optimizer state "
+                                  "sharded too; CUDA GPUs only)", used_by=TRAIN, choices=("ddp", "fsdp"))
     max_vram: str | None = opt(None, "cap this process's GPU memory, e.g. 10GiB to emulate a 10 GB card", used_by=TRAIN)
     fast_lora: bool = opt(True, "fused LoRA linear (dequantize, matmul and adapter in one autograd node); off = PEFT's forward",
                           used_by=TRAIN_PLAN)

@@ -63,12 +63,22 @@ _TINY = dict(_STABLE_CODE_3B, hidden_size=64, intermediate_size=172, num_hidden_
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
              vocab_size=4096, initializer_range=0.3)
 
+# Same layer design again (partial rotary 0.25, LayerNorm, SwiGLU, untied embeddings, rope base 1e6), at a
+# size that can be pretrained from random init in minutes on one GPU: bench/quality/ pretrains it on real
+# code to have a code model to fine-tune where no pretrained one can be downloaded. 114M parameters with
+# the GPT-NeoX vocabulary, 50M of them in the 10 blocks; the 3B's init range.
+_SMALL = dict(_STABLE_CODE_3B, hidden_size=640, intermediate_size=1728, num_hidden_layers=10,
+              num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=4096)
+
 MODELS: dict[str, ModelSpec] = {
     "stable-code-3b": ModelSpec(
         "stable-code-3b", "stabilityai/stable-code-3b", _STABLE_CODE_3B,
         "2.7B StableLM code model, 16k context, fill-in-the-middle"),
     "tiny-stablelm": ModelSpec(
         "tiny-stablelm", None, _TINY, "2-layer random-init StableLM for tests and the offline demo"),
+    "stablelm-114m": ModelSpec(
+        "stablelm-114m", None, _SMALL, "10-layer StableLM of stable-code-3b's design, pretrained from scratch by "
+        "bench/quality"),
 }
 
 

@@ -110,8 +110,10 @@ def test_train_before_prepare_names_the_fix(tmp_path, capsys):
 
 @pytest.mark.parametrize("exc,expect", [
     (PermissionError(errno.EACCES, "Permission denied", "/x/run"), "permission denied: /x/run; choose a folder"),
-    (OSError(errno.ENOSPC, "No space left on device", "/x/run/a.bin"), "no space left on the device writing /x/run"),
-    (OSError(errno.EROFS, "Read-only file system", "/ro/run"), "read-only file system: /ro/run; write somewhere"),
+    (OSError(errno.ENOSPC, "No space left on device", "/x/run/a.bin"),
+     "cannot write /x/run/a.bin: No space left on device (ENOSPC); free space on that disk or write to another"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run"),
+     "cannot write /ro/run: Read-only file system (EROFS); that file system is mounted read-only: write to another"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/in.jsonl"), "no such file or directory: /x/in"),
     (FileExistsError(errno.EEXIST, "File exists", "/x/notes.txt"), "/x/notes.txt (or a folder above it) is a file"),
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/x/notes.txt/e"), "/x/notes.txt/e (or a folder above"),

@@ -166,18 +166,28 @@ def render(msgs, t: Template, add_generation_prompt: bool = False) -> list[Piece
         if m.role != "assistant":
             out.append(Piece(after, True, False))
             continue
-        end = _end_of_turn(after, t.specials)
-        if end is None and k == len(msgs) - 1 and not add_generation_prompt:
+        span = _end_of_turn(after, t.specials)
+        if span is None and k == len(msgs) - 1 and not add_generation_prompt:
             out += [Piece(after, True, False), Piece(t.eos, True, True)]
         else:
-            out += [Piece(after[:end or 0], True, True), Piece(after[end or 0:], True, False)]
+            end = span[1] if span else 0
+            out += [Piece(after[:end], True, True), Piece(after[end:], True, False)]
     return [p for p in out if p.text]
 
 
-def _end_of_turn(text: str, specials: tuple[str, ...]) -> int | None:
-    """Where the first special token in `text` ends (the assistant's end-of-turn), or None."""
+def _end_of_turn(text: str, specials: tuple[str, ...]) -> tuple[int, int] | None:
+    """(start, end) of the first special token in `text` (the assistant's end-of-turn), or None."""
     hits = [(i, i + len(s)) for s in specials if (i := text.find(s)) >= 0]
-    return min(hits)[1] if hits else None
+    return min(hits) if hits else None
+
+
+def end_of_turn(t: Template) -> str:
+    """The special token that ends an assistant turn under `t`: the one `render` puts loss on after each
+    answer (ChatML's <|im_end|>, the plain template's EOS), so where generating an answer must stop."""
+    probe = (Message("user", "u"), Message("assistant", "a"))
+    marked = next(p.text for p in render(probe, t) if p.template and p.target)
+    start, end = _end_of_turn(marked, t.specials)  # (the marked piece ends with that very token)
+    return marked[start:end]
 
 
 def check_template(t: Template) -> None:

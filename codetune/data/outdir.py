@@ -11,10 +11,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
+from codetune import atomic
 from codetune.atomic import aside
 from codetune.config import ConfigError
 from codetune.data.report import REPORT_FILES
@@ -22,12 +22,8 @@ from codetune.data.sources import hf_args, kind_of
 
 # Everything prepare writes into a data dir; a folder holding anything else is not (only) ours.
 PREPARED_NAMES = frozenset({"manifest.json", "train", "val", "tokenizer", *REPORT_FILES})
-_PID = re.compile(r"\.tmp-(\d+)|\.old-(\d+)$")
-
-
-def tmp_dir(out: Path) -> Path:
-    """Where this process builds the new set: beside `out`, so the swap is a rename on one file system."""
-    return out.with_name(f".{out.name}.tmp-{os.getpid()}")
+# What a failed write of the new set tells the user to do (atomic.write_error words the cause).
+ELSEWHERE = "choose another --data-dir (the new set is built beside the old one, so its disk needs room for both)"
 
 
 def local_inputs(sources: list[str], decontam_files: list[str]) -> list[Path]:
@@ -78,8 +74,7 @@ def check_data_dir(out: Path, inputs: list[Path], force: bool) -> None:
 
 def _dead(p: Path) -> bool:
     """Whether the process named in a temporary path's name is gone."""
-    m = _PID.search(p.name)
-    pid = int(m.group(1) or m.group(2)) if m else None
+    pid = atomic.leftover_pid(p.name)
     if pid is None or pid == os.getpid():
         return False
     try:
@@ -115,26 +110,17 @@ def clean_stale(out: Path, cache_dirs: tuple[Path, ...] = ()) -> list[Path]:
     return handled
 
 
-_CAUSES = {
-    errno.ENOSPC: ("no space left on the disk (ENOSPC)",
-                   "free space or choose a --data-dir on a disk with room (the new set is built beside the old "
-                   "one, so it needs room for both)"),
-    errno.EDQUOT: ("disk quota exceeded (EDQUOT)", "free space within your quota or choose another --data-dir"),
-    errno.EROFS: ("the file system is read-only (EROFS)", "choose a --data-dir on a writable disk"),
-    errno.EACCES: ("permission denied (EACCES)", "choose a --data-dir you can write to, or fix its permissions"),
-    errno.EPERM: ("operation not permitted (EPERM)", "choose a --data-dir you can write to, or fix its permissions"),
-}
-
-
 def write_error(e: OSError, out: Path, tmp: Path) -> ConfigError | None:
     """A one-line error naming the cause and the fix of an OSError met while building `tmp` to replace
     `out`, or None for an error this does not explain (then the original is the better message)."""
-    cause = _CAUSES.get(e.errno)
-    if cause is None:
-        return None
     where = Path(e.filename) if e.filename else tmp
     kept = f"{out} was left as it was" if out.exists() else "nothing was written"
     ours = where in (tmp, out) or where in tmp.parents or tmp in where.parents or out in where.parents
+    code = atomic.error_number(e)
     if not ours:  # an input that could not be read
-        return ConfigError(f"cannot read {where}: {cause[0]}; fix its permissions or leave it out of --sources; {kept}")
-    return ConfigError(f"cannot write {tmp.parent}: {cause[0]}; {cause[1]}; {kept}")
+        if code not in (errno.EACCES, errno.EPERM):
+            return None
+        return ConfigError(f"cannot read {where}: {os.strerror(code)} ({errno.errorcode[code]}); fix its permissions "
+                           f"or leave it out of --sources; {kept}")
+    err = atomic.write_error(tmp.parent, e, ELSEWHERE)
+    return None if err is None else ConfigError(f"{err}; {kept}")

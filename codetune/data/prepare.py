@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from codetune.atomic import replace_dir, write_text
+from codetune.atomic import replace_dir, temp_beside, write_text
 from codetune.config import ConfigError, DataConfig, ModelConfig
 from codetune.data import fastbpe, filters, languages, pipeline, split
 from codetune.data.chat import canonical_text, check_template, template_of
 from codetune.data.decontam import Decontaminator
 from codetune.data.fim import check_fim_tokens
 from codetune.data.mix import pack_splits
-from codetune.data.outdir import check_data_dir, clean_stale, local_inputs, tmp_dir, write_error
+from codetune.data.outdir import check_data_dir, clean_stale, local_inputs, write_error
 from codetune.data.shards import Packer, ShardWriter, Staging
 from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of, resolve
 from codetune.data.stats import Stats
@@ -150,7 +150,7 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = F
     key = run_key(data, tokenizer_fingerprint(tok), inputs)
     if (old := reusable(out, key)) is not None:
         return {**old, "reused": True}
-    tmp = tmp_dir(out)
+    tmp = temp_beside(out)
     try:
         return _build(data, tok, key, allowed, decon, tmp, out, progress, n_files, t0, template)
     except OSError as e:

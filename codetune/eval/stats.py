@@ -45,7 +45,8 @@ def wilson(successes: int, n: int, z: float = Z95) -> Interval:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+    # (the interval always holds p; clamped so rounding cannot put p outside it, e.g. low = 6e-17 at 0/n)
+    return Interval(p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def paired_proportion_difference(base: list[bool], tuned: list[bool], z: float = Z95) -> Interval:

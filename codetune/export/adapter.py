@@ -77,7 +77,9 @@ def save_adapter(model, tokenizer, info: dict, out_dir: Path) -> Path:
             if not hasattr(model, "peft_config"):
                 raise ValueError("method 'lora' needs a PEFT model (from apply_adapters); got "
                                  f"{type(model).__name__}")
-            model.save_pretrained(str(tmp))
+            # the trained tensors as named_parameters gives them: whole even where model.state_dict() would
+            # give FSDP2's shards (a run on several GPUs saves inside train/distributed.whole_parameters)
+            model.save_pretrained(str(tmp), state_dict=trained_state_dict(model))
         tokenizer.save_pretrained(str(tmp))
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
         replace_dir(tmp, out_dir)

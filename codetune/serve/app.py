@@ -1,9 +1,11 @@
 """`codetune serve`: an OpenAI-compatible completions server for one model, so editors and tools that
 speak OpenAI's API (Continue, Tabby-style clients, the `openai` package) can use a fine-tuned model.
 
-Routes: POST /v1/completions (prompt or fill-in-the-middle through `suffix`, streaming as server-sent
-events), GET /v1/models, GET /health. Requests queue through one engine worker (engine.py) and stop
-generating when their client disconnects; request fields, token budgets and choice counts are checked
+Routes: POST /v1/completions (prompt or fill-in-the-middle through `suffix`), POST /v1/chat/completions
+(a conversation, rendered as training rendered chat rows: jobs.py), both streaming as server-sent events;
+POST /infill (llama.cpp's fill-in-the-middle, which editor plugins such as llama.vim and llama.vscode send;
+not streamed); GET /v1/models, GET /health. Requests queue through one engine worker (engine.py) and stop generating
+when their client disconnects; request fields, token budgets and choice counts are checked
 (schemas.py); connections, headers and bodies are bounded in time and size (guard.py); every limit is
 a flag (limits.py); errors are JSON in OpenAI's shape.
 FastAPI and uvicorn are imported only when serving: they are the optional `serve` extra.
@@ -22,6 +24,7 @@ import sys
 import time
 import uuid
 
+from codetune.export.static_decode import DECODE_FLAG
 from codetune.serve.limits import RETRY_AFTER_S, Limits, limit_cli_flags, limits_from_args
 from codetune.serve.schemas import ApiError
 
@@ -37,6 +40,7 @@ CLI_FLAGS = [
     (("--served-model-name",), dict(default="codetune", metavar="NAME", help="the model id clients ask for")),
     *limit_cli_flags(),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
+    DECODE_FLAG,
 ]
 
 
@@ -44,27 +48,33 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine, model_name: str = "codetune", limits: Limits | None = None, api_key: str | None = None):
-    """A FastAPI app serving `engine`'s model under the id `model_name`."""
+def create_app(engine, model_name: str = "codetune", limits: Limits | None = None, api_key: str | None = None,
+               run_info: dict | None = None):
+    """A FastAPI app serving `engine`'s model under the id `model_name`; `run_info` is the adapter's
+    codetune.json (it says how its chat rows were rendered), {} for a model alone."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from codetune.export.sampling import SamplingParams, fim_ids, max_context, prompt_ids
+    from codetune.export.sampling import Completion, max_context
     from codetune.serve.engine import Busy
     from codetune.serve.guard import RequestGuard, log, peer
+    from codetune.serve.jobs import chat_job, chat_support, completion_job, infill_job
+    from codetune.serve.responses import ChatShape, TextShape, infill_result, only_fields
     from codetune.serve.schemas import (
+        ChatCompletionRequest,
+        CompletionRequest,
+        InfillRequest,
         check_prompt_bytes,
         check_request,
         max_tokens_of,
         parse_request,
-        prompt_list,
-        stop_list,
     )
 
     limits = limits or Limits()
     context = max_context(engine.model)
+    chat = chat_support(engine.tokenizer, run_info or {})
     created = int(time.time())
     app = FastAPI(title="codetune", docs_url=None, redoc_url=None)
     # outermost of the app's own layers: it reads (and bounds) the body before any route runs, and
@@ -110,32 +120,6 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                            param="model", code="model_not_found")
         return model_card()
 
-    def build_job(req) -> tuple[list[list[int]], list[SamplingParams], int]:
-        """Token ids and sampling settings per choice, with the context length checked; and the number of
-        prompt tokens as OpenAI counts them (each prompt once, whatever n is)."""
-        tok, n = engine.tokenizer, req.n or 1
-        max_tokens = max_tokens_of(req, limits)
-        prompts, params, prompt_tokens = [], [], 0
-        for text in prompt_list(req):
-            ids = fim_ids(tok, text, req.suffix) if req.suffix is not None else prompt_ids(tok, text)
-            if not ids:
-                raise ApiError(400, "prompt is empty: send some text, or a suffix for fill-in-the-middle",
-                               param="prompt")
-            if len(ids) + max_tokens > context:
-                raise ApiError(400, f"This model's maximum context length is {context} tokens, however you "
-                                    f"requested {len(ids) + max_tokens} tokens ({len(ids)} in your prompt; "
-                                    f"{max_tokens} for the completion). Please reduce your prompt or completion "
-                                    "length.", param="prompt", code="context_length_exceeded")
-            prompt_tokens += len(ids)
-            for _ in range(n):
-                seed = None if req.seed is None else req.seed + len(params)
-                prompts.append(ids)
-                params.append(SamplingParams(
-                    max_new_tokens=max_tokens, stop=stop_list(req), seed=seed,
-                    temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p))
-        return prompts, params, prompt_tokens
-
     def submit(prompts, params, on_text=None):
         try:
             return engine.submit(prompts, params, on_text)
@@ -177,17 +161,54 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                            code="server_busy", retry_after=RETRY_AFTER_S)
         return True  # started (perhaps just as the timeout passed)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: Request):
-        req = parse_request(await request.body())
+    def checked(request_body: bytes, kind):
+        req = parse_request(request_body, kind)
         check_request(req, limits)
-        if req.model != model_name:
+        if req.model is not None and req.model != model_name:  # (None: /infill, which names no model)
             raise ApiError(404, f"model {req.model!r} does not exist; this server has {model_name!r} "
                                 "(see /v1/models)", param="model", code="model_not_found")
-        check_prompt_bytes(req, context, limits)
+        return req
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(request: Request):
+        req = checked(await request.body(), CompletionRequest)
+        check_prompt_bytes(req, max_tokens_of(req, limits), context, limits)
         # tokenizing up to a MiB of prompt should not stall the event loop
-        prompts, params, prompt_tokens = await asyncio.to_thread(build_job, req)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        spec = await asyncio.to_thread(completion_job, req, engine.tokenizer, limits, context)
+        return await respond(request, req, spec, TextShape())
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request):
+        req = checked(await request.body(), ChatCompletionRequest)
+        if chat.refusal is not None:
+            raise ApiError(400, chat.refusal, param="model", code="no_chat_template")
+        check_prompt_bytes(req, max_tokens_of(req, limits), context, limits)
+        spec = await asyncio.to_thread(chat_job, req, engine.tokenizer, chat.rendering, limits, context)
+        return await respond(request, req, spec, ChatShape())
+
+    @app.post("/infill", dependencies=[Depends(authorize)])
+    async def infill(request: Request):
+        req = checked(await request.body(), InfillRequest)
+        if req.stream:
+            raise ApiError(400, "stream is not supported on /infill; send \"stream\": false, or use /v1/completions "
+                                "with a suffix to stream", param="stream")
+        if req.n_predict == 0:  # a plugin's "read this context ahead" call: without a prompt cache, nothing to do
+            return only_fields(infill_result(Completion("", "length", 0, 0), 0, model_name, False),
+                               req.response_fields)
+        spec, cut = await asyncio.to_thread(infill_job, req, engine.tokenizer, limits, context)
+        job = submit(spec.prompts, spec.params)
+        if not await wait_for_worker(request, job):
+            return Response(status_code=499)  # never sent: the client has gone
+        if await first_of(request, job, job.future, None) == "gone":
+            engine.abandon(job)
+            log.info("%s disconnected; stopped generating for it", peer(request.client))
+            return Response(status_code=499)
+        results = [only_fields(infill_result(c, i, model_name, cut), req.response_fields)
+                   for i, c in enumerate(job.future.result())]
+        return results[0] if len(results) == 1 else results  # llama.cpp answers n_cmpl > 1 with a list
+
+    async def respond(request: Request, req, spec, shape):
+        head = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
                 "model": model_name}
         gone = Response(status_code=499)  # never sent (the client has gone); nginx's code, for the record
         if req.stream:
@@ -199,15 +220,15 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                 except RuntimeError:  # the event loop closed (server shutting down)
                     pass
 
-            job = submit(prompts, params, on_text=lambda i, piece: put((i, piece)))
+            job = submit(spec.prompts, spec.params, on_text=lambda i, piece: put((i, piece)))
             job.future.add_done_callback(lambda _f: put(None))
             # the response starts once the job does, so a full queue or a queue timeout is still a 503
             if not await wait_for_worker(request, job):
                 return gone
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(request, head, job, pieces, prompt_tokens, include_usage),
-                                     media_type="text/event-stream")
-        job = submit(prompts, params)
+            return StreamingResponse(stream(request, dict(head, object=shape.chunk_object), shape, job, pieces,
+                                            spec.prompt_tokens, include_usage), media_type="text/event-stream")
+        job = submit(spec.prompts, spec.params)
         if not await wait_for_worker(request, job):
             return gone
         if await first_of(request, job, job.future, None) == "gone":
@@ -215,22 +236,23 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
             log.info("%s disconnected; stopped generating for it", peer(request.client))
             return gone
         done = job.future.result()  # a generation error propagates: RequestGuard answers a generic 500
-        choices = [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
-                   for i, c in enumerate(done)]
-        return dict(head, choices=choices, usage=usage(prompt_tokens, done))
+        return dict(head, choices=[shape.choice(i, c) for i, c in enumerate(done)],
+                    usage=usage(spec.prompt_tokens, done))
 
     def usage(prompt_tokens: int, done) -> dict:
         completion = sum(c.completion_tokens for c in done)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    async def stream(request, head, job, pieces: asyncio.Queue, prompt_tokens: int, include_usage: bool):
+    async def stream(request, head, shape, job, pieces: asyncio.Queue, prompt_tokens: int, include_usage: bool):
         finished = False
         try:
+            for i in range(len(job.prompts)):
+                if (opening := shape.opening(i)) is not None:
+                    yield _sse(dict(head, choices=[opening]))
             while (item := await pieces.get()) is not None:
                 i, piece = item
-                yield _sse(dict(head, choices=[{"text": piece, "index": i, "logprobs": None,
-                                                "finish_reason": None}]))
+                yield _sse(dict(head, choices=[shape.piece(i, piece)]))
             try:
                 done = job.future.result()
             except Exception:  # headers are sent already: report in-band, as OpenAI does
@@ -240,8 +262,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                                     type="server_error").body())
                 return
             for i, c in enumerate(done):
-                yield _sse(dict(head, choices=[{"text": "", "index": i, "logprobs": None,
-                                                "finish_reason": c.finish_reason}]))
+                yield _sse(dict(head, choices=[shape.end(i, c.finish_reason)]))
             if include_usage:
                 yield _sse(dict(head, choices=[], usage=usage(prompt_tokens, done)))
             finished = True
@@ -267,10 +288,11 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     except ImportError:
         print("codetune serve needs FastAPI and uvicorn: pip install 'codetune[serve]'", file=sys.stderr)
         return 2
-    from codetune.export.generate import load_for_inference
+    from codetune.export.generate import load_for_inference, make_decoder
     from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
     from codetune.serve.guard import fit_connections, log_config, raise_open_file_limit, uvicorn_config
+    from codetune.serve.jobs import chat_support
 
     limits = limits_from_args(ns)
     open_files = raise_open_file_limit()
@@ -284,11 +306,13 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
     if not is_loopback(ns.host) and not api_key:
         print(f"codetune serve: warning: listening on {ns.host} without --api-key; anyone who can reach this "
               "address can use the model", file=sys.stderr)
-    model, tok, _ = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
-                                    model_cfg_given=hasattr(ns, "model.model"))
-    engine = Engine(model, tok, max_pending=limits.max_pending)
-    app = create_app(engine, ns.served_model_name, limits, api_key)
+    model, tok, info = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
+                                          model_cfg_given=hasattr(ns, "model.model"))
+    engine = Engine(model, tok, max_pending=limits.max_pending, decoder=make_decoder(model, ns.decode))
+    app = create_app(engine, ns.served_model_name, limits, api_key, run_info=info)
     print(f"codetune serve: model {ns.served_model_name!r} at http://{ns.host}:{ns.port}/v1", file=sys.stderr)
+    print(f"codetune serve: decoding: {engine.decoder.describe()}", file=sys.stderr)
+    print(f"codetune serve: chat: {chat_support(tok, info).describe()}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, backlog=fitted.backlog,
                                       log_level="info", log_config=log_config())).run()

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from codetune.export.sampling import Completion, SamplingParams, generate_text
+from codetune.export.static_decode import Decoder
 
 
 class Busy(RuntimeError):
@@ -33,8 +34,11 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_pending: int = 1024):
+    def __init__(self, model, tokenizer, max_pending: int = 1024, decoder: Decoder | None = None):
+        """`decoder`: how tokens are decoded (its static caches and CUDA graphs live as long as the engine,
+        used by the worker thread alone); default: Decoder(model, "auto")."""
         self.model, self.tokenizer, self.max_pending = model, tokenizer, max_pending
+        self.decoder = decoder if decoder is not None else Decoder(model)
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._pending = 0
         self._tokens = 0
@@ -108,7 +112,7 @@ class Engine:
         for i, (ids, params) in enumerate(zip(job.prompts, job.params)):
             on_text = None if job.on_text is None else (lambda piece, i=i: job.on_text(i, piece))
             out.append(generate_text(self.model, self.tokenizer, ids, params, on_text=on_text,
-                                     cancelled=job.cancel.is_set))
+                                     cancelled=job.cancel.is_set, decoder=self.decoder))
             if job.cancel.is_set():
                 break
         return out

@@ -3,7 +3,8 @@
 One optimizer step = grad_accum micro-steps (x processes). The loss of a step is the SUM of token
 cross-entropies over all its micro-batches divided by the step's total target-token count (summed over
 processes too) — not the mean of per-batch means, which weights short batches more (the accumulation
-bug transformers had). Multi-GPU runs go through Accelerate (`accelerate launch -m codetune train`).
+bug transformers had). Several processes go through Accelerate: train/launch.py starts them for
+--num-gpus, train/distributed.py wraps the run for DDP or FSDP2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from codetune.config import ConfigError, to_dict
 from codetune.model.layers import graph_bank
+from codetune.train.distributed import mixed_precision  # noqa: F401  (bench/train_bench.py)
 from codetune.train.inputs import CausalLMLoss, batch_inputs, run_graphs
 from codetune.train.memory import PeakMeter, cap_vram, configure_allocator, explain_oom, snapshot
 
@@ -47,18 +49,6 @@ class Run:
 
     def __post_init__(self):
         self.peaks = self.peaks or PeakMeter(self.device)
-
-
-def mixed_precision(device: torch.device) -> str:
-    """Accelerate's mixed-precision mode. With bf16 compute the weights already are bf16 (or NF4/int8
-    dequantized to bf16) and the LoRA path casts its fp32 adapters itself, so autocast would only add
-    casts: LayerNorm outputs in fp32, re-cast for every projection (measured: ~20% of GPU time in copies).
-    fp16 compute keeps autocast + loss scaling, which fp16 needs against underflow."""
-    from codetune.model.load import compute_dtype
-
-    if device.type != "cuda":
-        return "no"
-    return "no" if compute_dtype(device) == torch.bfloat16 else "fp16"
 
 
 def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None, options=None):
@@ -98,7 +88,6 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None,
 
 
 def setup(cfgs: dict) -> Run:
-    from accelerate import Accelerator
     from transformers import AutoTokenizer
 
     from codetune.data.shards import PackedDataset, read_manifest
@@ -106,13 +95,15 @@ def setup(cfgs: dict) -> Run:
     from codetune.model.load import check_vocab, padded_vocab, resolve_precision
     from codetune.model.tokenizer import ensure_special_tokens, tokenizer_fingerprint
     from codetune.train.batches import BatchStream
+    from codetune.train.distributed import make_accelerator, prepare
     from codetune.train.optim import build_optimizer, build_scheduler
 
     mcfg, acfg, dcfg, tcfg = cfgs["model"], cfgs["adapter"], cfgs["data"], cfgs["train"]
-    use_cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=mixed_precision(torch.device("cuda" if use_cuda else "cpu")),
-                              device_placement=False, cpu=not use_cuda)
+    accelerator = make_accelerator(tcfg)
     device = accelerator.device
+    if accelerator.num_processes > 1:  # (config.yaml and run.json say how many processes the run had)
+        tcfg = dataclasses.replace(tcfg, num_gpus=accelerator.num_processes)
+        cfgs = {**cfgs, "train": tcfg}
     cap_vram(tcfg.max_vram, device)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -140,9 +131,7 @@ def setup(cfgs: dict) -> Run:
 
     optimizer = build_optimizer(model, tcfg, device)
     scheduler = build_scheduler(optimizer, tcfg)
-    loss_fn = CausalLMLoss(model)
-    if accelerator.num_processes > 1:
-        loss_fn = accelerator.prepare_model(loss_fn, device_placement=False)
+    loss_fn, optimizer = prepare(accelerator, CausalLMLoss(model), optimizer, model)
     stream = BatchStream(train_ds, tcfg.batch_size, tcfg.seed, accelerator.process_index, accelerator.num_processes)
     out = Path(tcfg.out_dir)
     info = {"model": dataclasses.asdict(mcfg), "vocab_size": model.get_input_embeddings().weight.shape[0],
@@ -162,9 +151,10 @@ def write_adapter(run: Run, path: Path) -> None:
 def run_config(run: Run) -> dict:
     """The settings a checkpoint records (run.json) and a resume compares: the resolved configuration plus
     the prepared set's identity."""
-    from codetune.train.state import DATA_KEY
+    from codetune.train.state import DATA_KEY, PROCESSES_KEY
 
-    return {**to_dict(run.cfgs), DATA_KEY: run.run_info["data_manifest"].get("run_key")}
+    return {**to_dict(run.cfgs), DATA_KEY: run.run_info["data_manifest"].get("run_key"),
+            PROCESSES_KEY: run.accelerator.num_processes}
 
 
 def maybe_resume(run: Run) -> None:
@@ -225,6 +215,8 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def _train_step(run: Run, step: int) -> dict:
+    from codetune.train.distributed import norm_value
+
     tcfg, acc = run.cfgs["train"], run.accelerator
     micro = [run.train_stream.batch(step * tcfg.grad_accum + i) for i in range(tcfg.grad_accum)]
     n_tgt = torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=run.device)
@@ -241,7 +233,8 @@ def _train_step(run: Run, step: int) -> dict:
         loss_sum += s.detach().float()
     grad_norm = None
     if tcfg.max_grad_norm > 0:
-        grad_norm = acc.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], tcfg.max_grad_norm)
+        grad_norm = norm_value(acc.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                                   tcfg.max_grad_norm))  # (a DTensor under FSDP2)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -251,11 +244,12 @@ def _train_step(run: Run, step: int) -> dict:
     out = {"loss": (loss_tot / n_tgt.clamp(min=1)).item(), "lr": run.scheduler.get_last_lr()[0],
            "tokens": int(n_tgt.item())}
     if grad_norm is not None:
-        out["grad_norm"] = float(grad_norm)
+        out["grad_norm"] = grad_norm
     return out
 
 
 def fit(run: Run) -> dict:
+    from codetune.train.distributed import optimizer_state, sharded, whole_parameters
     from codetune.train.interrupt import Stopped, StopRequest
     from codetune.train.metrics import MetricsLog
     from codetune.train.progress import Progress
@@ -275,12 +269,14 @@ def fit(run: Run) -> dict:
 
     def checkpoint(step):
         acc.wait_for_everyone()
-        if not main_proc:  # (the main process checks inside save_checkpoint: all stop at the same step)
-            nonfinite_check(run.model, step, run.out_dir)
-            return None
-        return save_checkpoint(run.out_dir, step, run.model, run.optimizer, run.scheduler,
-                               {"micro_step": step * tcfg.grad_accum}, run_config(run), tcfg.keep_last,
-                               write_adapter=lambda p: write_adapter(run, p), totals=totals())
+        with whole_parameters(run.loss_fn):  # (FSDP2: every process gathers, the main one writes)
+            opt_state = optimizer_state(run.optimizer) if (main_proc or sharded(run.loss_fn)) else None
+            if not main_proc:  # (the main process checks inside save_checkpoint: all stop at the same step)
+                nonfinite_check(run.model, step, run.out_dir)
+                return None
+            return save_checkpoint(run.out_dir, step, run.model, opt_state, run.scheduler,
+                                   {"micro_step": step * tcfg.grad_accum}, run_config(run), tcfg.keep_last,
+                                   write_adapter=lambda p: write_adapter(run, p), totals=totals())
 
     def stop_asked(stop) -> bool:
         if acc.num_processes == 1:
@@ -350,11 +346,14 @@ def fit(run: Run) -> dict:
 
 def finish(run: Run, summary: dict) -> None:
     from codetune.atomic import write_text
+    from codetune.train.distributed import whole_parameters
     from codetune.train.metrics import plot_losses
 
+    with whole_parameters(run.loss_fn):  # (FSDP2: all gather; the adapter is written once)
+        if run.accelerator.is_main_process:
+            write_adapter(run, run.out_dir / "adapter")
     if not run.accelerator.is_main_process:
         return
-    write_adapter(run, run.out_dir / "adapter")
     png = plot_losses(run.out_dir / "metrics.jsonl", run.out_dir / "loss.png")
     summary = {**summary, "adapter": str(run.out_dir / "adapter"), "loss_plot": str(png) if png else None,
                "trainable_params": run.run_info["trainable_params"]}
@@ -389,6 +388,17 @@ def main(cfgs: dict) -> dict:
 
 
 def run(cfgs: dict, ns) -> int:
+    from codetune.train.launch import exit_recorder, launch, launched
+
+    if (cfgs["train"].num_gpus or 1) > 1 and not launched():
+        return launch(cfgs, ns)
+    with exit_recorder() as record:  # (a launched worker: the code it ends with is the command's)
+        code = _run(cfgs, ns)
+        record(code)
+    return code
+
+
+def _run(cfgs: dict, ns) -> int:
     from codetune.train.interrupt import Stopped
     from codetune.train.rundir import resume_command
     from codetune.train.state import Diverged

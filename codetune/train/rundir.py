@@ -106,8 +106,14 @@ def resume_command(ns, out: Path) -> str:
     prog = "codetune" if Path(sys.argv[0]).name == "codetune" else "python -m codetune"
     if ns is None:
         return f"{prog} train --config {shlex.quote(str(out / CONFIG))} --resume"
+    return f"{prog} train {shlex.join(given_args(ns, skip=('train.resume', 'train.dry_run')) + ['--resume'])}"
+
+
+def given_args(ns, skip=()) -> list[str]:
+    """The settings flags the user gave (argparse's namespace holds only given ones), as words again:
+    for the resume command and for the processes `--num-gpus` launches."""
     words = ["--config", ns.config] if getattr(ns, "config", None) else []
     for dest, value in vars(ns).items():
-        if "." in dest and dest != "train.resume" and dest != "train.dry_run":
+        if "." in dest and dest not in skip:
             words += _flag_words(dest, value)
-    return f"{prog} train {shlex.join(words + ['--resume'])}"
+    return words

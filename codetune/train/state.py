@@ -34,11 +34,15 @@ from codetune.export.adapter import trained_state_dict
 
 RESUME_FILES = ("trainable.safetensors", "optimizer.pt", "state.pt", "run.json")
 # The resume rule. Settings that change the math of the run so far: a checkpoint made with other values
-# is refused (naming the key). run.json also records the prepared set's run_key as DATA_KEY.
+# is refused (naming the key). run.json also records the prepared set's run_key as DATA_KEY and the number
+# of processes as PROCESSES_KEY: what must match is the global batch (--batch-size x processes), so a
+# run saved on 2 GPUs with --batch-size 2 continues on 1 with --batch-size 4 — the same sequences per
+# micro-step in the same order (train/batches.py), the same token-normalised loss.
 MUST_MATCH = {"model": ["model", "precision", "random_init"],
               "adapter": ["method", "targets", "rank", "alpha", "lora_dropout", "rslora", "dora", "train_layers"],
-              "data": ["seq_len"], "train": ["batch_size", "grad_accum", "seed", "optimizer"]}
+              "data": ["seq_len"], "train": ["grad_accum", "seed", "optimizer"]}
 DATA_KEY = "data_key"
+PROCESSES_KEY = "processes"
 # Settings applied from the resume point on (with a notice): the lr schedule is a function of the step and
 # these, recomputed with the current values, so more --steps stretch the decay to the new end. Anything
 # else (eval/save cadence, logging, engine switches that are exact) may change freely.
@@ -168,6 +172,8 @@ def nonfinite_check(model, step: int, out_dir: Path) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_pos: dict, run_cfg: dict,
                     keep_last: int, write_adapter=None, totals: dict | None = None) -> Path:
+    """`optimizer`: the optimizer, or its state dict with whole tensors (train/distributed.optimizer_state,
+    gathered under FSDP2)."""
     nonfinite_check(model, step, out_dir)  # (on the device, before anything is copied or written)
     tensors = trained_state_dict(model)
     root = checkpoint_dir(out_dir)
@@ -175,7 +181,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, data_
     tmp = Path(tempfile.mkdtemp(prefix=_SAVING, dir=root))
     try:
         save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "data": data_pos, "rng": rng_state(),
                     "totals": totals or {}}, tmp / "state.pt")
         (tmp / "run.json").write_text(json.dumps(run_cfg, indent=1, default=str))
@@ -204,7 +210,19 @@ def changes(saved: dict, current: dict, keys: dict) -> list[Change]:
     return out
 
 
+def global_batch(run_cfg: dict) -> tuple[int, int]:
+    """(--batch-size, processes) of a run.json; one that predates PROCESSES_KEY ran one process."""
+    return int(run_cfg.get("train", {}).get("batch_size", 1)), int(run_cfg.get(PROCESSES_KEY) or 1)
+
+
 def check_compatible(saved: dict, current: dict, where: Path) -> None:
+    (b0, p0), (b1, p1) = global_batch(saved), global_batch(current)
+    if b0 * p0 != b1 * p1:
+        fix = (f"pass --batch-size {b0 * p0 // p1}" if (b0 * p0) % p1 == 0 else
+               f"run it on {p0} process{'es' if p0 > 1 else ''} with --batch-size {b0}")
+        raise ConfigError(f"cannot resume {where}: it was trained with a global batch of {b0 * p0} (--batch-size {b0} "
+                          f"x {p0} process{'es' if p0 > 1 else ''}), now {b1 * p1} (--batch-size {b1} x {p1}), which "
+                          f"would change the run so far; {fix}, or a new --out-dir to start fresh")
     for c in changes(saved, current, MUST_MATCH):
         raise ConfigError(f"cannot resume {where}: it was trained with {c.flag} {c.old}, now {c.new}, which would "
                           f"change the run so far; pass {c.flag} {c.old}, or a new --out-dir to start fresh")
@@ -285,11 +303,14 @@ def apply_checkpoint(data: CheckpointData, model, optimizer, scheduler, run_cfg:
     if missing:
         raise ConfigError(f"checkpoint {data.path} lacks {len(missing)} trainable tensors (e.g. {missing[0]}); "
                           "it belongs to another configuration")
+    from codetune.train.distributed import like_param, reshard_optimizer_state
+
     with torch.no_grad():
         for n, t in data.tensors.items():
-            params[n].copy_(t.to(params[n].device))  # (bumps version counters: cached adapter casts go stale)
+            params[n].copy_(like_param(t, params[n]))  # (FSDP2: this process's shard; bumps version counters, so cached adapter casts go stale)
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(data.optimizer)  # (it restores the saved lr, weight decay, ... too)
+    reshard_optimizer_state(optimizer)
     for group, hyper in zip(optimizer.param_groups, current):
         group.update(hyper)
     scheduler.load_state_dict({**data.state["scheduler"], "base_lrs": list(scheduler.base_lrs)})

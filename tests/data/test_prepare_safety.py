@@ -176,8 +176,8 @@ def _write_unbuffered(add):
     return wrapped
 
 
-@pytest.mark.parametrize("code, cause, fix", [(errno.EROFS, "read-only", "writable disk"),
-                                              (errno.EACCES, "permission denied", "you can write to")])
+@pytest.mark.parametrize("code, cause, fix", [(errno.EROFS, "read-only", "choose another --data-dir"),
+                                              (errno.EACCES, "Permission denied", "fix the folder's permissions")])
 def test_read_only_or_forbidden_folder_names_cause_and_fix(tmp_path, code, cause, fix):
     out, tmp = tmp_path / "data", tmp_path / ".data.tmp-1"
     msg = str(write_error(OSError(code, os.strerror(code), str(tmp / "train")), out, tmp))

@@ -36,6 +36,7 @@ def test_stop_string_is_cut_and_never_streamed(tuned):
     out = generate_text(model, tok, ids, SamplingParams(max_new_tokens=20, stop=[stop]), on_text=pieces.append)
     assert out.text == full[: full.find(stop)] and out.finish_reason == "stop"
     assert "".join(pieces) == out.text
+    assert out.stop_word == stop  # (serve's /infill answers it as llama.cpp's stopping_word)
 
 
 def test_held_back_text():

@@ -72,21 +72,28 @@ def test_fused_layer_on_packed_batch_equals_documents_alone(graphs):
     g = torch.Generator().manual_seed(3)
     docs = [torch.randint(0, 512, (n,), generator=g) for n in (700, 1, 260, 1087)]  # 2048 tokens
 
-    # reference: each document alone through transformers' plain path, on an fp32 copy of the model (so the
-    # tolerance measures the bf16 fused path's rounding, not the reference's)
+    # references: each document alone through transformers' plain path, on an fp32 copy of the model (the
+    # truth) and on the bf16 model itself (what bf16 rounding costs transformers' own path). The fused path
+    # on the packed batch must be as close to the truth as transformers' bf16 path is: a token attending
+    # across a document boundary moves the gradients far more than rounding does.
     import copy
 
+    def per_document(model):
+        base = model.get_base_model()
+        total = 0.0
+        for d in docs:
+            b = _packed([d])
+            h = base.model(input_ids=b["input_ids"].cuda()).last_hidden_state
+            total = total + linear_cross_entropy(h, base.lm_head.weight, b["labels"].cuda())
+        total.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return float(total), grads  # (no autograd graph may outlive its step: see the loop below)
+
     ref_model = copy.deepcopy(m).float()
-    ref_lm = ref_model.get_base_model()
-    total = 0.0
-    for d in docs:
-        b = _packed([d])
-        h = ref_lm.model(input_ids=b["input_ids"].cuda()).last_hidden_state
-        total = total + linear_cross_entropy(h, ref_lm.lm_head.weight, b["labels"].cuda())
-    total.backward()
-    ref = {n: p.grad.float().clone() for n, p in ref_model.named_parameters() if p.requires_grad}
-    total = float(total)
-    del ref_model, ref_lm, h  # (no autograd graph may outlive its step: see the loop below)
+    total, ref = per_document(ref_model)
+    del ref_model
+    _, ref_bf16 = per_document(m)
 
     prev = A.use_packed_attention(lm)
     install_fast_lora(m)
@@ -110,4 +117,5 @@ def test_fused_layer_on_packed_batch_equals_documents_alone(graphs):
     A.restore_attention(lm, prev)
     assert abs(loss - total) / total < 1e-2
     for k in ref:
-        assert _rel(got[k], ref[k]) < 3e-2, (k, _rel(got[k], ref[k]))
+        bound = max(1.5 * _rel(ref_bf16[k], ref[k]), 2e-2)
+        assert _rel(got[k], ref[k]) <= bound, (k, _rel(got[k], ref[k]), _rel(ref_bf16[k], ref[k]))

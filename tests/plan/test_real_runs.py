@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORDS = ["bench/results/train_h200_2026-12-01_verify.json"]
+RECORDS = ["bench/results/train_h200_2026-12-01_s6-headline.json", "bench/results/train_h200_2026-12-01_s6-planner.json"]
 TOLERANCE = 0.05
 
 
@@ -35,5 +35,7 @@ def test_planner_predicts_the_measured_run(run):
     assert abs(got["planned_val_reserved_gib"] - val) / val <= TOLERANCE, (got, val)
 
 
-def test_the_records_exist():
-    assert list(_runs()), "no real-path record to hold the planner to"
+def test_the_records_cover_the_preset_at_every_length_and_twelve_configurations():
+    runs = [p.values[0] for p in _runs()]
+    assert {r["seq"] for r in runs if r["config"] == "preset"} >= {2048, 4096, 8192, 16384}
+    assert len({(r["config"], r["seq"]) for r in runs}) >= 12

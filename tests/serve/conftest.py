@@ -37,9 +37,9 @@ def tiny_model(tmp_path_factory):  # after the autouse codetune_cache
 
 
 @contextmanager
-def running_server(model, tok, limits):
+def running_server(model, tok, limits, run_info=None):
     """The real app, with the uvicorn settings `codetune serve` uses, on a loopback port picked by the
-    OS, in a background thread."""
+    OS, in a background thread; `run_info` as an adapter's codetune.json (how its chat rows were rendered)."""
     import uvicorn
 
     from codetune.serve.app import create_app
@@ -47,7 +47,7 @@ def running_server(model, tok, limits):
     from codetune.serve.guard import uvicorn_config
 
     engine = Engine(model, tok, max_pending=limits.max_pending)
-    app = create_app(engine, MODEL, limits, api_key=API_KEY)
+    app = create_app(engine, MODEL, limits, api_key=API_KEY, run_info=run_info)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

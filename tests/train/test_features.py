@@ -102,6 +102,8 @@ def test_cpu_train_prints_no_cuda_allocator_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.setattr(recipe, "main", lambda cfgs: {})  # the note is printed before any training
-    assert recipe.run({}, None) == 0
+    from codetune.config import TrainConfig
+
+    assert recipe.run({"train": TrainConfig()}, None) == 0
     err = capsys.readouterr().err
     assert "CUDA" not in err and "ALLOC_CONF" not in err

@@ -21,7 +21,7 @@ from codetune.train import recipe
 from codetune.train.interrupt import StopRequest
 from codetune.train.metrics import read_metrics
 from codetune.train.optim import lr_factor
-from codetune.train.state import DATA_KEY
+from codetune.train.state import DATA_KEY, PROCESSES_KEY
 
 ARGS = ["--random-init", "--seq-len", "128", "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "2",
         "--no-progress", "--no-tensorboard", "--deterministic", "--eval-every", "0", "--eval-batches", "2"]
@@ -91,7 +91,8 @@ def test_config_yaml_is_the_resolved_configuration(finished):
     saved = yaml.safe_load((finished / "config.yaml").read_text())
     run_json = json.loads((finished / "checkpoints" / "step-000004" / "run.json").read_text())
     assert saved["model"]["precision"] == "fp32"  # resolved, not "auto"
-    assert to_dict(build(SECTIONS, saved)) == {k: v for k, v in run_json.items() if k != DATA_KEY}
+    assert to_dict(build(SECTIONS, saved)) == {k: v for k, v in run_json.items() if k not in (DATA_KEY, PROCESSES_KEY)}
+    assert run_json[PROCESSES_KEY] == 1
 
 
 def test_dry_run_builds_everything_and_writes_nothing(tiny_data, run_copy, tmp_path, capsys):

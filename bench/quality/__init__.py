@@ -1,0 +1,1 @@
+"""bench/quality: the held-out-domain fine-tuning experiment (docs/quality.md); run.py is the command."""

@@ -1,0 +1,215 @@
+"""Decoding through a preallocated (static) KV cache, with the one-token step replayed as a CUDA graph.
+
+Single-stream decoding is bound by launching kernels, not by arithmetic: a 3B model's forward pass for
+one token is hundreds of small kernels, and with transformers' dynamic cache every step also grows each
+layer's keys and values by concatenation. Here the keys and values live in transformers' StaticCache,
+sized once for a bucket of lengths (prompt + max_new_tokens, rounded up to a power of two), and the
+model's own forward writes into it in place; the one-token step then has the same shapes and the same
+tensor addresses every time, which is what a CUDA graph needs. The position lives on the device (the
+cache's own counter), so one graph serves every step of every request in its bucket.
+
+Exact or fall back: the first replay of each captured graph is compared with the eager step it replaces
+(same cache state, same token); logits that differ in any bit, or a capture that fails, log one warning
+and the decoder runs the static cache without graphs from then on. Greedy ids equal the eager loop's
+(tests/export/test_static_decode.py checks that on the CPU; bench/decode_bench.py on the GPU).
+
+A Decoder keeps its caches and graphs between calls (serve holds one for its lifetime) and runs one
+generation at a time: starting another generation ends the previous one's steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from codetune.export.sampling import EagerSteps, cache_kwarg, max_context
+
+log = logging.getLogger("codetune.decode")
+
+DECODE_MODES = ("auto", "eager", "static", "graph")
+DECODE_HELP = ("how tokens are decoded: static (preallocated KV cache), graph (static + the one-token step "
+               "replayed as a CUDA graph; CUDA only), eager (transformers' growing cache, the reference), "
+               "auto (static on the CPU; eager on CUDA until a GPU run has measured the graphed path, and "
+               "wherever a static cache does not apply)")
+# for a stage module's CLI_FLAGS: `codetune generate` and `codetune serve` take the same flag
+DECODE_FLAG = (("--decode",), dict(choices=DECODE_MODES, default="auto", help=DECODE_HELP))
+
+MIN_BUCKET = 256  # below this a smaller cache saves nothing worth a separate graph
+MAX_SLOTS = 2  # buckets kept at once (each holds a full KV cache of its length, and its graph)
+
+
+def bucket_len(needed: int, context: int) -> int:
+    """The cache length for `needed` positions: the next power of two (at least MIN_BUCKET), at most the
+    model's context."""
+    n = MIN_BUCKET
+    while n < needed:
+        n *= 2
+    return min(n, max(context, needed))
+
+
+def static_unsupported(model) -> str | None:
+    """Why a static cache cannot run this model (None: it can)."""
+    from codetune.model.adapters import causal_lm
+
+    base = causal_lm(model)
+    if not getattr(base, "_can_compile_fullgraph", False):
+        return f"{type(base).__name__} does not declare support for a static KV cache"
+    devices = set((getattr(base, "hf_device_map", None) or {}).values())
+    if len(devices) > 1:
+        return "the model is split across devices"
+    attn = getattr(base.config, "_attn_implementation", None)
+    if attn not in ("sdpa", "eager"):
+        return f"attention implementation {attn!r} (static decoding runs with sdpa or eager)"
+    return None
+
+
+def resolve_mode(mode: str, model) -> str:
+    """The mode that will run: `auto` resolved for this model and device. ValueError (naming the fix) for
+    a mode that cannot run here."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode={mode!r}: choose one of {', '.join(DECODE_MODES)}")
+    device = model.get_input_embeddings().weight.device
+    why = static_unsupported(model) if mode != "eager" else None
+    if mode == "auto":
+        # On CUDA auto stays on the eager loop until a GPU run has shown the static cache and its graphs
+        # give the eager loop's greedy ids and pay (bench/suites/decode.txt, issue 17); --decode graph or
+        # static choose them explicitly meanwhile.
+        return "eager" if why or device.type == "cuda" else "static"
+    if why:
+        raise ValueError(f"--decode {mode}: {why}; use --decode eager")
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError(f"--decode graph needs a CUDA device (the model is on {device.type}); use --decode static")
+    return mode
+
+
+@dataclass
+class DecodeStats:
+    captured: int = 0  # graphs captured and found exact
+    replays: int = 0  # steps run by a graph
+    eager_steps: int = 0  # one-token steps run without a graph (static cache)
+    fallback: str | None = None  # why graphs were turned off, if they were
+
+
+@dataclass
+class _Slot:
+    """One bucket: its cache, the step's input buffer and, once captured, its graph and output."""
+    cache: object  # transformers.StaticCache
+    token: torch.Tensor  # (1, 1): the one-token step reads its input here
+    graph: object | None = None  # torch.cuda.CUDAGraph
+    logits: torch.Tensor | None = None  # the graph's output buffer
+    tried: bool = False  # capture attempted (once per slot)
+
+
+class Decoder:
+    """Runs generations' forward passes for one model, as `mode` says (see DECODE_MODES; `auto` is
+    resolved here, a mode that cannot run is a ValueError); holds the static caches and graphs for reuse
+    across calls."""
+
+    def __init__(self, model, mode: str = "auto"):
+        self.model, self.mode, self.stats = model, resolve_mode(mode, model), DecodeStats()
+        self._slots: OrderedDict[int, _Slot] = OrderedDict()
+        self._generation = 0
+        self._graphs = self.mode == "graph"
+
+    def describe(self) -> str:
+        if self.mode == "eager":
+            return "eager (dynamic KV cache)"
+        if self._graphs:
+            return "static KV cache + CUDA graphs"
+        return f"static KV cache (CUDA graphs off: {self.stats.fallback})" if self.stats.fallback else "static KV cache"
+
+    def steps(self, prompt_len: int, max_new_tokens: int):
+        """The forward passes of one generation (see sampling.Steps)."""
+        if self.mode == "eager":
+            return EagerSteps(self.model)
+        self._generation += 1
+        return _StaticSteps(self, self._slot(prompt_len + max_new_tokens), self._generation)
+
+    def _slot(self, needed: int) -> _Slot:
+        from transformers import StaticCache
+
+        from codetune.model.adapters import causal_lm
+
+        length = bucket_len(needed, max_context(self.model))
+        if length in self._slots:
+            self._slots.move_to_end(length)
+            return self._slots[length]
+        while len(self._slots) >= MAX_SLOTS:
+            self._slots.popitem(last=False)  # its cache and graph memory go back to the allocator
+        device = self.model.get_input_embeddings().weight.device
+        config = causal_lm(self.model).config
+        slot = _Slot(StaticCache(config=config, max_cache_len=length),
+                     torch.zeros((1, 1), dtype=torch.long, device=device))
+        self._slots[length] = slot
+        return slot
+
+    def _forward(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): slot.cache})
+        return out.logits
+
+    def _graph_off(self, why: str) -> None:
+        self._graphs, self.stats.fallback = False, why
+        log.warning("codetune: CUDA graphs off, decoding with the static KV cache alone: %s", why)
+
+    def _capture(self, slot: _Slot) -> torch.Tensor:
+        """Capture the slot's one-token step at the current position, check its first replay against the
+        eager step, and return the step's logits (from whichever ran). The cache ends one token on."""
+        slot.tried = True
+        device = slot.token.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # the warm-up capture wants, and the step the replay is checked against
+            ref = self._forward(slot, slot.token).clone()
+        torch.cuda.current_stream(device).wait_stream(side)
+        slot.cache.crop(-1)  # back to the position the graph will write
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self._forward(slot, slot.token)
+        except Exception as e:  # noqa: BLE001 - whatever stops a capture, the eager step still runs
+            torch.cuda.synchronize(device)
+            first_line = (str(e).splitlines() or [""])[0]
+            self._graph_off(f"capture failed ({type(e).__name__}: {first_line})")
+            return self._forward(slot, slot.token)  # (nothing ran during the capture: redo the step)
+        graph.replay()
+        if not torch.equal(out, ref):
+            diff = (out.float() - ref.float()).abs().max().item()
+            slot.cache.crop(-1)  # the replay's keys and values are not trusted: redo the step eagerly
+            self._graph_off(f"the graphed step's logits differ from the eager step's (max |diff| {diff:.3g})")
+            return self._forward(slot, slot.token)
+        slot.graph, slot.logits = graph, out
+        self.stats.captured += 1
+        return out
+
+
+class _StaticSteps:
+    """One generation's passes through a slot; refuses to run once a later generation has started (the
+    slot's cache is shared)."""
+
+    def __init__(self, decoder: Decoder, slot: _Slot, generation: int):
+        self.d, self.slot, self.generation = decoder, slot, generation
+
+    def _check(self) -> None:
+        if self.d._generation != self.generation:
+            raise RuntimeError("a Decoder runs one generation at a time; this one was superseded")
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check()
+        self.slot.cache.reset()  # zeroed in place: the graph keeps pointing at the same buffers
+        return self.d._forward(self.slot, input_ids)[:, -1, :]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self._check()
+        slot, d = self.slot, self.d
+        slot.token.copy_(token.view(1, 1))
+        if slot.graph is not None and d._graphs:
+            slot.graph.replay()
+            d.stats.replays += 1
+            return slot.logits[:, -1, :]
+        if d._graphs and not slot.tried:
+            return d._capture(slot)[:, -1, :]
+        d.stats.eager_steps += 1
+        return d._forward(slot, slot.token)[:, -1, :]

@@ -1,0 +1,82 @@
+"""bench/quality/runner.py and run.py's checks: the time limit stops a training run through SIGTERM (the
+signal codetune train checkpoints on) and is reported as such; a failed step names its log's last line;
+an --out the script did not make, or made for another run, is refused in one line."""
+
+import json
+import runpy
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from quality.runner import Runner, StepFailed, TimeUp
+
+RUN = Path(__file__).resolve().parents[2] / "bench" / "quality" / "run.py"
+
+# stands in for `codetune train`: writes a checkpoint on SIGTERM and exits 128 + 15, as train does
+FAKE_TRAIN = textwrap.dedent("""
+    import signal, sys, time
+    from pathlib import Path
+    def stop(*_):
+        Path(sys.argv[1]).write_text("checkpoint")
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
+    print("training", flush=True)
+    time.sleep(60)
+""")
+
+
+def runner(tmp_path, script: str, limit: float | None) -> Runner:
+    deadline = None if limit is None else time.monotonic() + limit
+    return Runner(tmp_path, tmp_path / "logs", {}, deadline, command=(sys.executable, "-c", script), min_start_s=0.2)
+
+
+def test_the_time_limit_stops_a_training_run_with_sigterm(tmp_path):
+    r = runner(tmp_path, FAKE_TRAIN, limit=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(TimeUp, match="during train-x"):
+        r.codetune("train-x", [str(tmp_path / "ckpt")], training=True)
+    assert time.monotonic() - t0 < 10
+    assert (tmp_path / "ckpt").read_text() == "checkpoint"  # it was asked to stop, not killed
+    rec = [json.loads(ln) for ln in (tmp_path / "logs" / "timings.jsonl").read_text().splitlines()]
+    assert rec[-1]["step"] == "train-x" and rec[-1]["returncode"] is None
+
+
+def test_no_step_starts_without_time_left(tmp_path):
+    r = runner(tmp_path, "print('never')", limit=0.1)
+    with pytest.raises(TimeUp, match="before prepare-x"):
+        r.codetune("prepare-x", [])
+    assert not (tmp_path / "logs" / "prepare-x.log").exists()
+
+
+def test_a_failed_step_names_its_exit_code_and_last_line(tmp_path):
+    r = runner(tmp_path, "import sys; print('codetune prepare: --sources x: no such folder'); sys.exit(2)", None)
+    with pytest.raises(StepFailed) as e:
+        r.codetune("prepare-x", [])
+    assert "prepare-x failed (exit 2): codetune prepare: --sources x: no such folder" in str(e.value)
+    assert runner(tmp_path, "print('ok')", None).codetune("eval-x", []) >= 0
+
+
+@pytest.fixture
+def run_main():
+    return runpy.run_path(str(RUN), run_name="quality_run")["main"]
+
+
+def test_an_out_folder_that_is_not_ours_is_refused(tmp_path, run_main, capsys):
+    (tmp_path / "mine.txt").write_text("keep")
+    assert run_main(["--out", str(tmp_path), "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty and was not made by bench/quality/run.py" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_an_out_folder_of_another_run_is_refused(tmp_path, run_main, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"scale": "full", "seed": 0, "domain": "sympy"}))
+    assert run_main(["--out", str(tmp_path), "--smoke", "--stage", "pretrain"]) == 2
+    assert "holds a run of {'scale': 'full'" in capsys.readouterr().err
+
+
+def test_in_process_runs_cannot_have_a_time_limit(tmp_path, run_main, capsys):
+    assert run_main(["--out", str(tmp_path / "o"), "--smoke", "--in-process", "--time-limit", "60"]) == 2
+    assert "--in-process cannot stop a training run" in capsys.readouterr().err
