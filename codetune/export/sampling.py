@@ -84,10 +84,10 @@ def fim_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
 
 
 def fim_layout(tokenizer, prefix: list[int], suffix: list[int]) -> list[int]:
-    """The FIM prompt around an already tokenized prefix and suffix (for callers that trim them to fit)."""
-    special = tokenizer.convert_tokens_to_ids
-    return ([special(registry.FIM_PREFIX)] + list(prefix) + [special(registry.FIM_SUFFIX)] + list(suffix)
-            + [special(registry.FIM_MIDDLE)])
+    """The FIM prompt around an already tokenized prefix and suffix (for callers that trim them to fit), in
+    the FIM tokens of the model family the tokenizer belongs to (registry.tokens_in)."""
+    pre, suf, mid = (tokenizer.convert_tokens_to_ids(t) for t in registry.tokens_in(tokenizer).fim())
+    return [pre] + list(prefix) + [suf] + list(suffix) + [mid]
 
 
 def max_context(model) -> int:

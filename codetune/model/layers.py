@@ -20,11 +20,14 @@ transformers skips its own checkpointing when the model is not in train() mode; 
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
 
 from codetune.model.engine_state import EngineState
+
+log = logging.getLogger(__name__)
 
 
 def _has_trainable(module: torch.nn.Module) -> bool:
@@ -281,12 +284,19 @@ def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
         from codetune.model.graphs import GraphBank, single_process
 
         bank = GraphBank(cuda_graphs) if single_process() else None
-    prev = None
+    prev, plain = None, {}
     for i, layer in enumerate(layers):
         runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast, bank, state, anchor)
         layer.forward = runner
         if runner.trainable or prev is not None:
             prev = i
+        if fast and runner.fast is None:
+            from codetune.model.fast_layer import why_not_fused
+
+            why = "an offload hook wraps its forward" if runner.hooked else why_not_fused(layer)
+            plain[why] = plain.get(why, 0) + 1
+    for why, n in plain.items():  # (the engine plan asked for fused layers: say where they step aside)
+        log.info("%d of %d decoder layers keep transformers' forward: %s", n, len(layers), why)
     return offloader
 
 

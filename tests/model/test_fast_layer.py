@@ -15,10 +15,12 @@ from codetune.model.rotary import Rotary
 from codetune.train.loss import linear_cross_entropy
 
 
-def _model(dtype=torch.float32, **arch):
+def _model(dtype=torch.float32, name="tiny-stablelm", **arch):
+    """A LoRA-wrapped random-init registry model (vocab 256) in train mode, LoRA B non-zero; arch: config
+    overrides. (tests/model/test_fast_layer_qwen2.py builds tiny-qwen2 with it.)"""
     from transformers import AutoModelForCausalLM
 
-    cfg = registry.lookup("tiny-stablelm").hf_config(256)
+    cfg = registry.lookup(name).hf_config(256)
     for k, v in arch.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
