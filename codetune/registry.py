@@ -92,7 +92,7 @@ _QWEN25_CODER_15B = dict(
 
 # The same design at test size: 2 layers, hidden 64, 4 heads over 2 kv heads (grouped-query), the wider init
 # of tiny-stablelm (same reason). Its tokenizer in tests: the GPT-NeoX fixture with Qwen's FIM tokens added
-# by model/tokenizer.ensure_special_tokens (docs/models.md).
+# by model/tokenizer.ensure_special_tokens (docs/training.md, Model families).
 _TINY_QWEN2 = dict(_QWEN25_CODER_15B, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, vocab_size=4096,
                    initializer_range=0.3, bos_token_id=0, eos_token_id=0)

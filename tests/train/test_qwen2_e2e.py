@@ -1,6 +1,6 @@
 """The second model family end to end on the CPU: `codetune prepare` and `codetune train --model tiny-qwen2
 --random-init`. No hub in tests, so tiny-qwen2's tokenizer is the GPT-NeoX fixture with Qwen's FIM tokens
-added (model/tokenizer.load_tokenizer asks registry.special_tokens for the family's: docs/models.md)."""
+added (model/tokenizer.load_tokenizer asks registry.special_tokens for the family's: docs/training.md, Model families)."""
 
 import json
 
