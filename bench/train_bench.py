@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--mlp-chunk-mib", type=int, default=None,
                     help="A/B of EngineOptions.mlp_chunk_bytes (model/engine_state.py; default: the engine's)")
     ap.add_argument("--nf4-dequant", choices=NF4_DEQUANT, default=EngineOptions.nf4_dequant,
-                    help="A/B of EngineOptions.nf4_dequant: model/nf4.py's Triton kernel or bitsandbytes' own path")
+                    help="A/B of EngineOptions.nf4_dequant: model/kernels/nf4.py's Triton kernel or bitsandbytes' own path")
     a = ap.parse_args()
 
     from transformers import PreTrainedTokenizerFast

@@ -28,7 +28,7 @@ class EngineOptions:
     #   8k:  32 MiB 17,120 / 2.89   64 MiB 18,288 / 3.13   128 MiB (unchunked) ~19,300 / 3.64
     #   16k: 32 MiB 13,933 / 3.79   64 MiB 14,447 / 4.04   128 MiB 14,910 / 4.74 (call A, another H200)
     mlp_chunk_bytes: int = 64 * 2**20
-    # NF4 weights: model/nf4.py's one-launch Triton kernel (checked against bitsandbytes at first use), or
+    # NF4 weights: model/kernels/nf4.py's one-launch Triton kernel (checked against bitsandbytes at first use), or
     # "bitsandbytes" to force bitsandbytes' own path (the A/B in docs/performance.md).
     nf4_dequant: str = "triton"
 
@@ -105,4 +105,4 @@ class EngineState:
     def __init__(self, options: EngineOptions | None = None):
         self.options = options or EngineOptions()
         self.casts = AdapterCasts()
-        self.rotary = KernelCheck()  # model/rotary_kernel.py, checked once per installation
+        self.rotary = KernelCheck()  # model/kernels/rotary_triton.py, checked once per installation

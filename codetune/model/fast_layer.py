@@ -3,7 +3,7 @@
 Same parameters, same math, same attention kernel as transformers' decoder layer of the model's family
 (model/arch/: StableLM's `StableLmDecoderLayer`, Qwen2's `Qwen2DecoderLayer`):
 
-    x = norm1(h);  q, k, v = rotary(x [Wq; Wk; Wv]^T + LoRA)          one node (lora_fast._Fused)
+    x = norm1(h);  q, k, v = rotary(x [Wq; Wk; Wv]^T + LoRA)          one node (kernels/fused_lora._Fused)
     h = h + o_proj(attention(q, k, v))                               transformers' attention function
     m = silu(g) * u  with  g, u = norm2(h) [Wg; Wu]^T + LoRA           one node
     h = h + down_proj(m)                                             one node
@@ -31,8 +31,9 @@ import torch
 from codetune.model import arch as archs
 from codetune.model.attention import SPAN_KEYS
 from codetune.model.engine_state import EngineState
-from codetune.model.lora_fast import Projections, compute_dtype_of, fused, holding, lora_parts
-from codetune.model.rotary import Rotary, RotaryInputs
+from codetune.model.kernels.fused_lora import compute_dtype_of, fused, holding
+from codetune.model.kernels.rotary import Rotary, RotaryInputs
+from codetune.model.lora_fast import Projections, lora_parts
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

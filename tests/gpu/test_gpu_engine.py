@@ -22,7 +22,7 @@ def _nf4_linear(out_f, in_f, seed=0):
 def test_triton_nf4_dequant_equals_bitsandbytes(shape):
     import bitsandbytes.functional as bnbf
 
-    from codetune.model.nf4 import Nf4Weight
+    from codetune.model.kernels.nf4 import Nf4Weight
 
     lin = _nf4_linear(*shape)
     ref = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).to(torch.bfloat16)
@@ -241,7 +241,7 @@ def test_fast_layer_on_cuda(precision, chunked):
 
 
 def test_triton_swiglu_backward_matches_autograd():
-    from codetune.model.swiglu import swiglu_backward, swiglu_forward
+    from codetune.model.kernels.swiglu import swiglu_backward, swiglu_forward
 
     torch.manual_seed(0)
     y = (torch.randn(300, 2 * 1500, device="cuda") * 3).bfloat16().requires_grad_(True)
@@ -261,15 +261,15 @@ def test_triton_swiglu_backward_matches_autograd():
 
 @pytest.mark.parametrize("kv_heads,inverse", [(32, False), (32, True), (8, False)])
 def test_triton_rotary_equals_pytorch_ops(kv_heads, inverse):
-    """model/rotary_kernel.py against rotary.Rotary's PyTorch path (run on the CPU): bit-identical."""
-    from codetune.model.rotary import Rotary
+    """model/kernels/rotary_triton.py against rotary.Rotary's PyTorch path (run on the CPU): bit-identical."""
+    from codetune.model.kernels.rotary import Rotary
 
     torch.manual_seed(0)
     b, s, hd = 2, 300, 80
     rot = Rotary(32, kv_heads, hd, 20)
     y = torch.randn(b * s, (32 + 2 * kv_heads) * hd).bfloat16()
     cos, sin = torch.randn(b, s, 20).bfloat16(), torch.randn(b, s, 20).bfloat16()
-    from codetune.model.rotary_kernel import rotary_triton
+    from codetune.model.kernels.rotary_triton import rotary_triton
 
     ref = y.clone()
     rot.apply_(ref, cos, sin, b, inverse=inverse)  # CPU: PyTorch ops

@@ -11,7 +11,6 @@ from codetune.model.engine_state import EngineOptions, EngineState
 from codetune.model.fast_layer import fast_forward
 from codetune.model.layers import decoder_layers, install_layer_runners, uninstall_layer_runners
 from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
-from codetune.model.rotary import Rotary
 from codetune.train.loss import linear_cross_entropy
 
 
@@ -97,18 +96,6 @@ def test_fast_layer_bf16_as_accurate_as_transformers():
     assert err_fast <= 1.25 * err_ref + 1e-6, (err_fast, err_ref)
 
 
-def test_rotary_inverse_is_the_transpose():
-    rot = Rotary(heads=3, kv_heads=3, head_dim=8, rot=4)
-    b, s = 2, 5
-    cos, sin = torch.randn(b, s, 4, dtype=torch.float64), torch.randn(b, s, 4, dtype=torch.float64)
-    x, y = torch.randn(b * s, 3 * 3 * 8, dtype=torch.float64), torch.randn(b * s, 3 * 3 * 8, dtype=torch.float64)
-    rx, rty = x.clone(), y.clone()
-    rot.apply_(rx, cos, sin, b)
-    rot.apply_(rty, cos, sin, b, inverse=True)
-    torch.testing.assert_close((rx * y).sum(), (x * rty).sum())
-    torch.testing.assert_close(rx[:, 48:], x[:, 48:], rtol=0, atol=0)  # v untouched
-
-
 def test_fast_layer_steps_aside():
     m = _model()
     m.base_model.model.model.layers[0].self_attn.qk_layernorm = True
@@ -129,24 +116,6 @@ def test_fast_layer_steps_aside():
     uninstall_layer_runners(m)
     with m.disable_adapter():
         torch.testing.assert_close(out, m(input_ids=ids).logits, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_chunks_equal_autograd(monkeypatch, dtype):
-    """The chunked SwiGLU (model/swiglu.py, used off-CUDA and to bound 16k temporaries) is bit-exact."""
-    from codetune.model import swiglu
-
-    monkeypatch.setattr(swiglu, "_CHUNK_ELEMS", 7 * 40)  # 7 rows per chunk, 5 chunks
-    torch.manual_seed(0)
-    y = (torch.randn(33, 80) * 3).to(dtype).requires_grad_(True)
-    dh = torch.randn(33, 40).to(dtype)
-    out = torch.nn.functional.silu(y[:, :40]) * y[:, 40:]
-    out.backward(dh)
-    torch.testing.assert_close(swiglu.swiglu_forward(y.detach(), 40), out.detach(), rtol=0, atol=0)
-    torch.testing.assert_close(swiglu.swiglu_backward(y.detach(), dh, 40), y.grad, rtol=0, atol=0)
-    over = y.detach().clone()  # out=y: the gradient written over the saved gate|up output, same values
-    assert swiglu.swiglu_backward(over, dh, 40, out=over) is over
-    torch.testing.assert_close(over, y.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 7 * 172 * 4 * 2])

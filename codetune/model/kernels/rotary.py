@@ -1,6 +1,6 @@
-"""Partial rotary embedding of q and k, in place on a fused q|k|v output (model/lora_fast.py's "rotary"
+"""Rotary embedding (partial or full) of q and k, in place on a fused q|k|v output (kernels/fused_lora.py's "rotary"
 epilogue): transformers' `q*cos + rotate_half(q)*sin` with PyTorch ops, or on CUDA one Triton launch
-(model/rotary_kernel.py) once the installation's first-use check has seen it give the same bits.
+(kernels/rotary_triton.py) once the installation's first-use check has seen it give the same bits.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import NamedTuple
 import torch
 
 from codetune.model.engine_state import KernelCheck
-from codetune.model.rotary_kernel import rotary_triton
+from codetune.model.kernels.rotary_triton import rotary_triton
 
 
 class Rotary:
     """Partial rotary embedding of q and k, applied in place on the fused q|k|v output (transformers'
     `q*cos + rotate_half(q)*sin` on the first `rot` dims of each head, same rounding, op for op).
-    On CUDA one Triton launch (model/rotary_kernel.py) replaces the eight strided elementwise ops, once
+    On CUDA one Triton launch (kernels/rotary_triton.py) replaces the eight strided elementwise ops, once
     `check` (the installation's, engine_state.EngineState.rotary: shared by all its layers) has seen it
     give the same bits at its first use."""
 
