@@ -297,7 +297,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
 
     # loss: the final LayerNorm's saved input and output and the grad_h the fused CE keeps (all in the
     # compute dtype), plus per chunk the fp32 logits and their bf16 gradient.
-    from codetune.train.loss import chunk_rows
+    from codetune.model.loss import chunk_rows
 
     loss = 3 * T * h * act + min(chunk_rows(v), T) * v * (4 + 2)
 

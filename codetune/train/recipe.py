@@ -143,7 +143,7 @@ def setup(cfgs: dict) -> Run:
 
 
 def write_adapter(run: Run, path: Path) -> None:
-    from codetune.export.adapter import save_adapter
+    from codetune.model.adapter_files import save_adapter
 
     save_adapter(run.model, run.tokenizer, run.run_info, path)
 
@@ -249,9 +249,9 @@ def _train_step(run: Run, step: int) -> dict:
 
 
 def fit(run: Run) -> dict:
+    from codetune.metrics import MetricsLog
     from codetune.train.distributed import optimizer_state, sharded, whole_parameters
     from codetune.train.interrupt import Stopped, StopRequest
-    from codetune.train.metrics import MetricsLog
     from codetune.train.progress import Progress
     from codetune.train.state import Diverged, checkpoint_path, nonfinite_check, save_checkpoint
 
@@ -346,8 +346,8 @@ def fit(run: Run) -> dict:
 
 def finish(run: Run, summary: dict) -> None:
     from codetune.atomic import write_text
+    from codetune.metrics import plot_losses
     from codetune.train.distributed import whole_parameters
-    from codetune.train.metrics import plot_losses
 
     with whole_parameters(run.loss_fn):  # (FSDP2: all gather; the adapter is written once)
         if run.accelerator.is_main_process:

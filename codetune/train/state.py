@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from codetune.atomic import is_leftover, replace_dir, write_error
 from codetune.config import ConfigError, flag_name
-from codetune.export.adapter import trained_state_dict
+from codetune.model.adapter_files import trained_state_dict
 
 RESUME_FILES = ("trainable.safetensors", "optimizer.pt", "state.pt", "run.json")
 # The resume rule. Settings that change the math of the run so far: a checkpoint made with other values

@@ -29,7 +29,7 @@ def _train(m, graphs, schedule, options=None):
     from codetune.model.engine_state import EngineState
     from codetune.model.layers import graph_bank, install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
-    from codetune.train.loss import linear_cross_entropy
+    from codetune.model.loss import linear_cross_entropy
 
     start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
     state = EngineState(options)

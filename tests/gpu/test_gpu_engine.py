@@ -82,7 +82,7 @@ def test_offloaded_checkpoint_matches_plain_on_cuda():
     from codetune.model.adapters import apply_adapters
     from codetune.model.layers import install_layer_runners, uninstall_layer_runners
     from codetune.model.load import load_model
-    from codetune.train.loss import linear_cross_entropy
+    from codetune.model.loss import linear_cross_entropy
 
     base, _ = load_model(ModelConfig(model="tiny-stablelm", random_init=True, precision="bf16"),
                          torch.device("cuda"), vocab_size=512)
@@ -134,7 +134,7 @@ def test_nf4_training_steps_on_cuda_reduce_loss(tmp_path):
     from pathlib import Path
 
     from codetune.cli import main
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     data = tmp_path / "data"
     _tiny_shards(data, Path(sysconfig.get_paths()["stdlib"]))
@@ -163,7 +163,7 @@ def test_gpu_only_options_train(tmp_path, extra):
     from pathlib import Path
 
     from codetune.cli import main
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     data = tmp_path / "data"
     _tiny_shards(data, Path(sysconfig.get_paths()["stdlib"]))

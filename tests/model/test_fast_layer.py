@@ -11,7 +11,7 @@ from codetune.model.engine_state import EngineOptions, EngineState
 from codetune.model.fast_layer import fast_forward
 from codetune.model.layers import decoder_layers, install_layer_runners, uninstall_layer_runners
 from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
-from codetune.train.loss import linear_cross_entropy
+from codetune.model.loss import linear_cross_entropy
 
 
 def _model(dtype=torch.float32, name="tiny-stablelm", **arch):

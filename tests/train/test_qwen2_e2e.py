@@ -9,7 +9,7 @@ import torch
 from codetune import registry
 from codetune.cli import main
 from codetune.data.shards import PackedDataset
-from codetune.train.metrics import read_metrics
+from codetune.metrics import read_metrics
 
 
 def test_tiny_qwen2_prepares_with_qwen_fim_tokens_and_trains(stdlib, shared_tokenizer_path, tmp_path):
