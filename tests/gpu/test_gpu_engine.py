@@ -177,12 +177,12 @@ def test_gpu_only_options_train(tmp_path, extra):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 
 
-def _tiny_lora(precision, dev):
+def _tiny_lora(precision, dev, model="tiny-stablelm"):
     from codetune.config import AdapterConfig, ModelConfig
     from codetune.model.adapters import apply_adapters
     from codetune.model.load import load_model
 
-    base, _ = load_model(ModelConfig(model="tiny-stablelm", random_init=True, precision=precision), dev,
+    base, _ = load_model(ModelConfig(model=model, random_init=True, precision=precision), dev,
                          vocab_size=512)
     m = apply_adapters(base, AdapterConfig()).train()
     torch.manual_seed(1)
@@ -192,10 +192,13 @@ def _tiny_lora(precision, dev):
     return m
 
 
-@pytest.mark.parametrize("precision,chunked", [("nf4", False), ("bf16", False), ("nf4", True)])
-def test_fast_layer_on_cuda(precision, chunked):
-    """The fused decoder layer (model/fast_layer.py) on NF4/bf16 weights, packed documents, cuDNN/flash
-    attention, offloaded checkpoints. bf16: no less accurate than transformers' layer against the fp32
+@pytest.mark.parametrize("model,precision,chunked", [
+    ("tiny-stablelm", "nf4", False), ("tiny-stablelm", "bf16", False), ("tiny-stablelm", "nf4", True),
+    ("tiny-qwen2", "nf4", False), ("tiny-qwen2", "bf16", False)])
+def test_fast_layer_on_cuda(model, precision, chunked):
+    """The fused decoder layer (model/fast_layer.py) of both families (tiny-qwen2: q/k/v bias, RMSNorm, full
+    rotary through the Triton kernel, grouped-query attention) on NF4/bf16 weights, packed documents,
+    cuDNN/flash attention, offloaded checkpoints. bf16: no less accurate than transformers' layer against the fp32
     result of the same weights. NF4: close to transformers' layer (a wrong rotary, mask or gradient
     would be off by O(1), rounding by ~1e-2 on this tiny high-variance model)."""
     from codetune.model.engine_state import EngineOptions, EngineState
@@ -205,7 +208,7 @@ def test_fast_layer_on_cuda(precision, chunked):
     # chunked: the long-context MLP path, 64 positions per chunk
     options = EngineOptions(mlp_chunk_bytes=64 * 172 * 2) if chunked else EngineOptions()
     dev = torch.device("cuda")
-    m = _tiny_lora("fp32" if precision == "bf16" else precision, dev)
+    m = _tiny_lora("fp32" if precision == "bf16" else precision, dev, model)
     ids = torch.randint(0, 512, (1, 256), device=dev)
     pos = torch.cat([torch.arange(100), torch.arange(156)]).to(dev)[None]
     gout = torch.randn(1, 256, 64, device=dev)
@@ -259,22 +262,25 @@ def test_triton_swiglu_backward_matches_autograd():
     assert torch.equal(over.float(), ours)
 
 
-@pytest.mark.parametrize("kv_heads,inverse", [(32, False), (32, True), (8, False)])
-def test_triton_rotary_equals_pytorch_ops(kv_heads, inverse):
+# stable-code-3b's heads (32 of 80 dims, 20 rotated; MHA and GQA), Qwen2.5-Coder-1.5B's (12 over 2, all 128 rotated)
+@pytest.mark.parametrize("heads,kv_heads,hd,rot_dims,inverse", [(32, 32, 80, 20, False), (32, 32, 80, 20, True),
+                                                                 (32, 8, 80, 20, False), (12, 2, 128, 128, False),
+                                                                 (12, 2, 128, 128, True)])
+def test_triton_rotary_equals_pytorch_ops(heads, kv_heads, hd, rot_dims, inverse):
     """model/kernels/rotary_triton.py against rotary.Rotary's PyTorch path (run on the CPU): bit-identical."""
     from codetune.model.kernels.rotary import Rotary
 
     torch.manual_seed(0)
-    b, s, hd = 2, 300, 80
-    rot = Rotary(32, kv_heads, hd, 20)
-    y = torch.randn(b * s, (32 + 2 * kv_heads) * hd).bfloat16()
-    cos, sin = torch.randn(b, s, 20).bfloat16(), torch.randn(b, s, 20).bfloat16()
+    b, s = 2, 300
+    rot = Rotary(heads, kv_heads, hd, rot_dims)
+    y = torch.randn(b * s, (heads + 2 * kv_heads) * hd).bfloat16()
+    cos, sin = torch.randn(b, s, rot_dims).bfloat16(), torch.randn(b, s, rot_dims).bfloat16()
     from codetune.model.kernels.rotary_triton import rotary_triton
 
     ref = y.clone()
     rot.apply_(ref, cos, sin, b, inverse=inverse)  # CPU: PyTorch ops
     got = y.cuda()
-    assert rotary_triton(got, cos.cuda(), sin.cuda(), b, 32 + kv_heads, hd, 10, inverse)
+    assert rotary_triton(got, cos.cuda(), sin.cuda(), b, heads + kv_heads, hd, rot_dims // 2, inverse)
     torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
     assert not torch.equal(ref, y)
     got2 = y.cuda()
@@ -282,7 +288,7 @@ def test_triton_rotary_equals_pytorch_ops(kv_heads, inverse):
     rot.apply_(got2, cos.cuda(), sin.cuda(), b, inverse=inverse)  # the first-use self-check passes too
     assert rot.check.ok is True and torch.equal(got2.cpu(), ref), rot.check
     # separate q and k tensors (the backward's dq, dk): the same rotation, kernel and PyTorch ops alike
-    q_end, k_end = 32 * hd, (32 + kv_heads) * hd
+    q_end, k_end = heads * hd, (heads + kv_heads) * hd
     for dev in ("cuda", "cpu"):
         q, k = y[:, :q_end].clone().to(dev), y[:, q_end:k_end].clone().to(dev)
         rot.apply_qk_(q, k, cos.to(dev), sin.to(dev), b, inverse=inverse)
