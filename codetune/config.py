@@ -231,6 +231,11 @@ class EvalConfig(Section):
     limit: int | None = opt(None, "only the first N problems (quick runs)", used_by=EVAL, ge=1)
     timeout: float = opt(10.0, "seconds of wall clock per executed completion", used_by=EVAL, gt=0)
     gen_batch_size: int = opt(8, "prompts generated together", used_by=EVAL, ge=1)
+    eval_decode: str = opt("auto", "how completions are decoded: batched (greedy runs through a static KV cache, "
+                           "CUDA-graphed on a GPU; same ids as eager), eager (transformers' generate, the reference; "
+                           "sampled runs always use it), auto (batched on the CPU where the model takes a static cache; "
+                           "eager on a GPU until a GPU run has measured batched)",
+                           used_by=EVAL, choices=("auto", "batched", "eager"))
     fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split",
                                  used_by=EVAL)
     fim_tasks: int = opt(100, "FIM tasks per kind (single-line, multi-line)", used_by=EVAL, ge=1)

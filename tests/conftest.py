@@ -53,3 +53,76 @@ def tiny_data(tmp_path_factory, stdlib) -> Path:
     cfgs = build(["model", "data"], flags=flags)
     prepare(cfgs["data"], cfgs["model"])
     return out
+
+
+class FakeCudaGraphs:
+    """Enough of torch.cuda for a decoder's graph capture (export/static_decode.capture_step) to run on the
+    CPU: the capture runs the step (keeping its output as the graph's buffer) and then undoes its effect on
+    the cache, as a real capture records kernels without running them; replay runs the step again, on the
+    same input buffers, into that buffer. mode: "exact", "differ" (replays are off by a little) or "fail"
+    (the capture raises). `decoder._forward(slot, *inputs)` is the step being captured."""
+
+    def __init__(self, decoder, mode, monkeypatch):
+        import contextlib
+
+        self.mode, self.replays, self.last = mode, 0, None
+        forward, fake = decoder._forward, self
+
+        def recording_forward(slot, *inputs):
+            fake.last = (slot, inputs, forward(slot, *inputs))
+            return fake.last[2]
+
+        class Graph:
+            def replay(self):
+                fake.replays += 1
+                self.out.copy_(forward(self.slot, *self.inputs) + (1e-3 if fake.mode == "differ" else 0))
+
+        @contextlib.contextmanager
+        def graph(g, capture_error_mode="global"):
+            if fake.mode == "fail":
+                raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+            yield
+            g.slot, g.inputs, g.out = fake.last
+            g.slot.cache.crop(-1)
+
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        monkeypatch.setattr(decoder, "_forward", recording_forward)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """fake_cuda_graphs(decoder, mode) -> FakeCudaGraphs (see there)."""
+    return lambda decoder, mode: FakeCudaGraphs(decoder, mode, monkeypatch)
+
+
+@pytest.fixture
+def interrupted_train():
+    """interrupted_train(args, out, env, cwd=None) -> (stderr, last step): `codetune train ARGS` started, sent SIGINT once
+    its metrics show two steps, checked to stop with 130 and exactly one checkpoint, at its last step."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from codetune.train.metrics import read_metrics
+
+    def run(args, out, env, cwd=None) -> str:
+        proc = subprocess.Popen([sys.executable, "-m", "codetune", "train", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-2000:]
+        done = max(r["step"] for r in read_metrics(out / "metrics.jsonl"))
+        assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{done:06d}"]
+        return err, done
+    return run

@@ -173,7 +173,8 @@ def evaluate(model, tok, tasks: list[FimTask], ecfg, out_dir: Path, log=print) -
         stats = GenStats()
         log(f"fim {kind}: {len(ktasks)} tasks")
         gens = generate(model, tok, [prompt(t, registry.tokens_in(tok)) for t in ktasks],
-                        GenSettings(max_new_tokens=budget, stop=stop, batch_size=ecfg.gen_batch_size), stats)
+                        GenSettings(max_new_tokens=budget, stop=stop, batch_size=ecfg.gen_batch_size,
+                                    decode=ecfg.eval_decode), stats)
         scores = [score_one(t, g) for t, g in zip(ktasks, gens)]
         rows += [{**asdict(t), **s} for t, s in zip(ktasks, scores)]
         out[kind] = {"tasks": len(ktasks), "exact_match": sum(s["exact"] for s in scores) / len(ktasks),

@@ -74,7 +74,8 @@ def evaluate(model, tok, ecfg, out_dir: Path, log=print) -> dict:
         runs.append(("sampled", ecfg.n_samples, ecfg.temperature))
     for name, n, temperature in runs:
         settings = GenSettings(max_new_tokens=ecfg.max_new_tokens, temperature=temperature,
-                               stop=STOP_SEQUENCES, batch_size=ecfg.gen_batch_size)
+                               stop=STOP_SEQUENCES, batch_size=ecfg.gen_batch_size,
+                               decode=ecfg.eval_decode)
         stats = GenStats()
         log(f"humaneval {name}: generating {len(prompts) * n} completions")
         flat = generate(model, tok, [p for p in prompts for _ in range(n)], settings, stats)

@@ -158,31 +158,51 @@ class Decoder:
         """Capture the slot's one-token step at the current position, check its first replay against the
         eager step, and return the step's logits (from whichever ran). The cache ends one token on."""
         slot.tried = True
-        device = slot.token.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # the warm-up capture wants, and the step the replay is checked against
-            ref = self._forward(slot, slot.token).clone()
-        torch.cuda.current_stream(device).wait_stream(side)
-        slot.cache.crop(-1)  # back to the position the graph will write
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                out = self._forward(slot, slot.token)
-        except Exception as e:  # noqa: BLE001 - whatever stops a capture, the eager step still runs
-            torch.cuda.synchronize(device)
-            first_line = (str(e).splitlines() or [""])[0]
-            self._graph_off(f"capture failed ({type(e).__name__}: {first_line})")
-            return self._forward(slot, slot.token)  # (nothing ran during the capture: redo the step)
-        graph.replay()
-        if not torch.equal(out, ref):
-            diff = (out.float() - ref.float()).abs().max().item()
-            slot.cache.crop(-1)  # the replay's keys and values are not trusted: redo the step eagerly
-            self._graph_off(f"the graphed step's logits differ from the eager step's (max |diff| {diff:.3g})")
-            return self._forward(slot, slot.token)
-        slot.graph, slot.logits = graph, out
+        got = capture_step(lambda: self._forward(slot, slot.token), lambda: slot.cache.crop(-1), slot.token.device)
+        if got.graph is None:
+            self._graph_off(got.why)
+            return got.logits
+        slot.graph, slot.logits = got.graph, got.logits
         self.stats.captured += 1
-        return out
+        return got.logits
+
+
+@dataclass
+class CapturedStep:
+    """What capture_step gives: the graph (None where it could not run exactly), the step's logits from
+    whichever ran, and why there is no graph."""
+    graph: object | None  # torch.cuda.CUDAGraph
+    logits: torch.Tensor  # the graph's output buffer where graph is set
+    why: str | None = None
+
+
+def capture_step(forward, rewind, device: torch.device) -> CapturedStep:
+    """Capture `forward()` (a one-token step through a static cache, reading fixed input buffers) as a
+    CUDA graph and check its first replay against the eager step from the same cache state. `rewind()`
+    moves the cache back one token. Whatever happens, the cache ends one token on and the step's logits
+    come back; the single-stream Decoder and eval's batched decoder both capture through here."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # the warm-up capture wants, and the step the replay is checked against
+        ref = forward().clone()
+    torch.cuda.current_stream(device).wait_stream(side)
+    rewind()  # back to the position the graph will write
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = forward()
+    except Exception as e:  # noqa: BLE001 - whatever stops a capture, the eager step still runs
+        torch.cuda.synchronize(device)
+        first_line = (str(e).splitlines() or [""])[0]
+        # (nothing ran during the capture: redo the step)
+        return CapturedStep(None, forward(), f"capture failed ({type(e).__name__}: {first_line})")
+    graph.replay()
+    if not torch.equal(out, ref):
+        diff = (out.float() - ref.float()).abs().max().item()
+        rewind()  # the replay's keys and values are not trusted: redo the step eagerly
+        return CapturedStep(None, forward(),
+                            f"the graphed step's logits differ from the eager step's (max |diff| {diff:.3g})")
+    return CapturedStep(graph, out)
 
 
 class _StaticSteps:

@@ -15,9 +15,25 @@ def test_throughput_bench_cpu_path(tmp_path, shared_tokenizer_path):
     rc = bench["main"](["--model", "tiny-stablelm", "--tokenizer", str(shared_tokenizer_path), "--out", str(out),
                         "--limit", "2", "--max-new-tokens", "4", "--no-execute"])
     assert rc == 0
-    r = json.loads(out.read_text())
-    assert r["samples"] == 2 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0
+    (r,) = json.loads(out.read_text())["runs"]
+    assert r["samples"] == 2 and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 and r["decode"] == "batched"
     assert r["gpu"].startswith("CPU") and "torch" in r["versions"] and "peak_reserved_gib" in r
+
+
+def test_throughput_bench_compares_decode_modes(tmp_path, shared_tokenizer_path, capsys):
+    bench = runpy.run_path(str(BENCH))
+    out = tmp_path / "r.json"
+    args = ["--model", "tiny-stablelm", "--tokenizer", str(shared_tokenizer_path), "--out", str(out),
+            "--limit", "3", "--max-new-tokens", "12", "--batch-size", "2", "--no-execute"]
+    assert bench["main"](args + ["--decode", "eager,batched"]) == 0
+    r = json.loads(out.read_text())
+    assert [x["decode"] for x in r["runs"]] == ["eager", "batched"]
+    assert r["comparison"]["identical_completions"] == {"batched": True}
+    assert r["comparison"]["differing_problems"] == {"batched": []} and "batched" in r["comparison"]["speedup_vs_first"]
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 3  # one per mode and the comparison, each on one line for bench/run_gpu.sh
+    assert bench["main"](args + ["--decode", "eager,fast"]) == 2
+    assert "unknown mode fast" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -65,7 +65,7 @@ def test_docs_from_dir(tmp_path):
 
 def test_evaluate_on_tiny_model(tiny_model, tokenizer, tmp_path):
     class E:
-        max_new_tokens, gen_batch_size = 16, 4
+        max_new_tokens, gen_batch_size, eval_decode = 16, 4, "auto"
 
     tasks = fim.make_tasks([("a.py", CODE)], per_kind=2)
     out = fim.evaluate(tiny_model, tokenizer, tasks, E, tmp_path, log=lambda m: None)

@@ -3,7 +3,6 @@ seeded, for plain and FIM prompts, across buckets and reused caches; a one-token
 host reads make it capturable as a CUDA graph; the graph's exact-or-fall-back rule (with torch.cuda faked,
 since this suite has no GPU); the --decode flag."""
 
-import contextlib
 import logging
 
 import pytest
@@ -133,51 +132,14 @@ def test_modes_resolve_and_refuse(tuned):
         resolve_mode("static", NoStatic())
 
 
-class _FakeCuda:
-    """Enough of torch.cuda for Decoder._capture on the CPU. The capture runs the step (recording its
-    output as the graph's buffer) and then undoes its effect on the cache, as a real capture records kernels
-    without running them; replay runs the step again into that buffer. `mode`: "exact", "differ" (replays
-    are off by a little) or "fail" (the capture raises)."""
-
-    def __init__(self, decoder, mode, monkeypatch):
-        self.mode, self.replays, self.last = mode, 0, None
-        forward, fake = decoder._forward, self
-
-        def recording_forward(slot, x):
-            fake.last = (slot, forward(slot, x))
-            return fake.last[1]
-
-        class Graph:
-            def replay(self):
-                fake.replays += 1
-                self.out.copy_(forward(self.slot, self.slot.token) + (1e-3 if fake.mode == "differ" else 0))
-
-        @contextlib.contextmanager
-        def graph(g, capture_error_mode="global"):
-            if fake.mode == "fail":
-                raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
-            yield
-            g.slot, g.out = fake.last
-            g.slot.cache.crop(-1)
-
-        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-        monkeypatch.setattr(decoder, "_forward", recording_forward)
-        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream())
-        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream())
-        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.cuda, "graph", graph)
-
-
 @pytest.mark.parametrize("mode", ["exact", "differ", "fail"])
-def test_graph_exact_or_fall_back(tuned, monkeypatch, caplog, mode):
+def test_graph_exact_or_fall_back(tuned, fake_cuda_graphs, caplog, mode):
     model, tok = tuned
     prompt, params = prompts(tok)["fim"], SamplingParams(max_new_tokens=16)
     eager = ids(model, tok, prompt, params)
     decoder = Decoder(model, "static")
     decoder._graphs = True  # as mode "graph" resolves on a CUDA device
-    fake = _FakeCuda(decoder, mode, monkeypatch)
+    fake = fake_cuda_graphs(decoder, mode)
     with caplog.at_level(logging.WARNING, logger="codetune.decode"):
         for _ in range(2):  # the second call replays the same graph (or no longer tries one)
             assert ids(model, tok, prompt, params, decoder) == eager

@@ -8,10 +8,8 @@ is run here over gloo by tests/train/fsdp_cpu_worker.py."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -170,21 +168,11 @@ def test_a_workers_error_is_its_one_line_and_exit_code(tiny_data, tmp_path, capf
                    "--seq-len 128 or re-run prepare"], err  # (said once; no launcher traceback)
 
 
-def test_ctrl_c_reaches_every_process_once_and_they_checkpoint(tiny_data, tmp_path):
+def test_ctrl_c_reaches_every_process_once_and_they_checkpoint(tiny_data, tmp_path, interrupted_train):
     out = tmp_path / "run"
     args = ["--data-dir", str(tiny_data), "--out-dir", str(out), *ARGS, "--batch-size", "2", "--steps", "5000",
             "--save-every", "0", "--eval-every", "0", "--num-gpus", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "codetune", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-    deadline = time.time() + 120
-    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 2):
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    done = max(r["step"] for r in read_metrics(out / "metrics.jsonl"))
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{done:06d}"]
+    err, done = interrupted_train(args, out, ENV, cwd=REPO)
     lines = err.splitlines()
     command = lines[next(i for i, ln in enumerate(lines) if "Continue with:" in ln) + 1].strip()
     assert "--num-gpus 2" in command and command.endswith("--resume")  # (it continues on 2 processes)

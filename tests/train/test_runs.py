@@ -7,8 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -221,21 +219,11 @@ def test_signal_handlers_second_signal_aborts_and_restores():
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_ctrl_c_checkpoints_and_prints_the_resume_command(tiny_data, tmp_path):
+def test_ctrl_c_checkpoints_and_prints_the_resume_command(tiny_data, tmp_path, interrupted_train):
     out = tmp_path / "run"
     args = ["--data-dir", str(tiny_data), "--out-dir", str(out), *ARGS, "--steps", "5000", "--save-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "codetune", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 2):
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    done = max(r["step"] for r in read_metrics(out / "metrics.jsonl"))
-    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{done:06d}"]
+    err, done = interrupted_train(args, out, env)
     command = err.strip().splitlines()[-1].strip()
     assert command == "python -m codetune train " + " ".join(args) + " --resume"  # (flags as the user wrote them)
     # the printed command continues the run (here only two more steps)
