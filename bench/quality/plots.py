@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from codetune.atomic import write_file
+from codetune.eval.report import bar_heights
 
 from .report import ROWS
 
@@ -32,9 +33,7 @@ def metrics_png(meas: dict, models: list[str], path: Path) -> bool:
         m = meas[row.label]
         scale = 100.0 if row.metric.kind in ("proportion", "mean") else 1.0
         names = [x for x in models if x in m]
-        vals = [m[x].value * scale for x in names]
-        err = [[(m[x].value - m[x].interval.low) * scale if m[x].interval else 0 for x in names],
-               [(m[x].interval.high - m[x].value) * scale if m[x].interval else 0 for x in names]]
+        vals, err = bar_heights(m, names, scale)
         ax.bar(range(len(names)), vals, yerr=err, capsize=3, color=[COLORS[models.index(x) % len(COLORS)] for x in names])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(row.label + (" (%)" if scale == 100 else ""), fontsize=8)

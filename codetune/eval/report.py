@@ -233,6 +233,15 @@ def _save(fig, path: Path) -> None:
     write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
+def bar_heights(row: dict, names: list[str], scale: float) -> tuple[list[float], list[list[float]]]:
+    """Bar heights and matplotlib's yerr (below, above) for measures `row[name]` with optional 95%
+    intervals, times `scale`: the one way every chart here (and bench/quality's) draws a value and its interval."""
+    vals = [row[n].value * scale for n in names]
+    err = [[(row[n].value - row[n].interval.low) * scale if row[n].interval else 0 for n in names],
+           [(row[n].interval.high - row[n].value) * scale if row[n].interval else 0 for n in names]]
+    return vals, err
+
+
 def bar_chart(by_model: dict[str, dict], path: Path, item_dirs: dict[str, Path] | None = None) -> bool:
     """One panel per measured metric (none for a suite that did not run), bars with their intervals."""
     import matplotlib
@@ -252,9 +261,7 @@ def bar_chart(by_model: dict[str, dict], path: Path, item_dirs: dict[str, Path] 
         metric = by_label[label]
         scale = 100.0 if metric.kind in ("proportion", "mean") else 1.0
         names = list(row)
-        vals = [row[n].value * scale for n in names]
-        err = [[(row[n].value - row[n].interval.low) * scale if row[n].interval else 0 for n in names],
-               [(row[n].interval.high - row[n].value) * scale if row[n].interval else 0 for n in names]]
+        vals, err = bar_heights(row, names, scale)
         ax.bar(names, vals, yerr=err, capsize=4, color=colors[:len(names)])
         ax.set_title(label + (" (%)" if scale == 100 else ""), fontsize=9)
         for x, n in enumerate(names):

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, MODEL, running_server
+from serve_support import API_KEY, MODEL, running_server
 from tiny_adapter import tiny_tokenizer
 
 from codetune.data import chat

@@ -6,7 +6,7 @@ import logging
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL
+from serve_support import API_KEY, MODEL
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 GOOD = {"model": MODEL, "prompt": "def f(", "max_tokens": 2, "temperature": 0}

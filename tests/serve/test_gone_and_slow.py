@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL, running_server
+from serve_support import API_KEY, MODEL, running_server
 
 from codetune.serve.limits import Limits
 

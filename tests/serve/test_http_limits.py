@@ -5,7 +5,7 @@ import time
 
 import httpx
 import openai
-from conftest import API_KEY, MODEL
+from serve_support import API_KEY, MODEL
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

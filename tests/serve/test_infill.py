@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from conftest import API_KEY, MODEL
+from serve_support import API_KEY, MODEL
 
 from codetune.export.sampling import SamplingParams, fim_layout, generate_text, prompt_ids
 

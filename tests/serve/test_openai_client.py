@@ -2,7 +2,7 @@
 
 import openai
 import pytest
-from conftest import MODEL
+from serve_support import MODEL
 
 from codetune.export.sampling import SamplingParams, fim_ids, generate_text, prompt_ids
 
