@@ -162,11 +162,27 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
         from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS
         res.update(graphs_captured=bank.captured, graphs_failure=bank.failure, graphs_active=bank.active and bank.enabled,
                    graphs_auto_max_tokens=CUDA_GRAPHS_AUTO_MAX_TOKENS)
+    res["kernels"] = kernel_report(model)
     if device.type == "cuda":  # (train_step resets the allocator's peak counters per step: PeakMeter)
         peaks = run.peaks.summary()
         res.update(peak_allocated_gib=peaks["train_peak_alloc_gib"], peak_reserved_gib=peaks["train_peak_reserved_gib"],
                    gpu=torch.cuda.get_device_name(0))
     return res
+
+
+def kernel_report(model) -> dict:
+    """Which of the fused path's checked kernels ran (an A/B that compares engines must compare like with
+    like): the Triton rotary's first-use verdict and how many NF4 weights dequantize through Triton."""
+    import gc
+
+    from codetune.model.kernels.nf4 import Nf4Weight
+    from codetune.model.layers import LayerRunner, decoder_layers
+
+    runners = [r for r in (layer.__dict__.get("forward") for layer in decoder_layers(model)) if isinstance(r, LayerRunner)]
+    fused = [r.fast for r in runners if r.fast is not None]
+    nf4 = [o for o in gc.get_objects() if isinstance(o, Nf4Weight)]
+    return {"rotary_triton": fused[0].rotary.check.ok if fused else None, "nf4_weights": len(nf4),
+            "nf4_triton": sum(bool(o.use_triton) for o in nf4)}
 
 
 if __name__ == "__main__":
