@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--precision", default="nf4")
     a = ap.parse_args()
     from codetune.cli import main as cli
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     out = Path(a.out)
     make_shards(a.tokenizer, out / "data", a.seq)

@@ -27,6 +27,7 @@ configure_allocator()
 import torch  # noqa: E402
 
 from codetune.config import build  # noqa: E402
+from codetune.model.engine_state import NF4_DEQUANT, EngineOptions  # noqa: E402
 from codetune.model.layers import graph_bank  # noqa: E402
 from codetune.model.load import padded_vocab  # noqa: E402
 from codetune.model.tokenizer import ensure_special_tokens  # noqa: E402
@@ -90,11 +91,10 @@ def main() -> None:
     ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--no-cpu-embeddings", action="store_true")
     ap.add_argument("--mlp-chunk-mib", type=int, default=None,
-                    help="A/B of model/fast_layer.MLP_CHUNK_BYTES (default: the engine's)")
+                    help="A/B of EngineOptions.mlp_chunk_bytes (model/engine_state.py; default: the engine's)")
+    ap.add_argument("--nf4-dequant", choices=NF4_DEQUANT, default=EngineOptions.nf4_dequant,
+                    help="A/B of EngineOptions.nf4_dequant: model/kernels/nf4.py's Triton kernel or bitsandbytes' own path")
     a = ap.parse_args()
-    if a.mlp_chunk_mib is not None:
-        from codetune.model import fast_layer
-        fast_layer.MLP_CHUNK_BYTES = a.mlp_chunk_mib * 2**20
 
     from transformers import PreTrainedTokenizerFast
 
@@ -111,7 +111,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from codetune.train.memory import cap_vram
     cap_vram(a.max_vram, device)
-    model, offloader = recipe.build_model(cfgs, device, padded_vocab(tok))
+    model, offloader = recipe.build_model(cfgs, device, padded_vocab(tok), engine_options(a))
     from codetune.train.optim import build_optimizer, build_scheduler
     opt = build_optimizer(model, cfgs["train"], device)
     sched = build_scheduler(opt, cfgs["train"])
@@ -129,9 +129,10 @@ def main() -> None:
         print(json.dumps(measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable)), flush=True)
 
 
-def _mlp_chunk_mib() -> float:
-    from codetune.model import fast_layer
-    return fast_layer.MLP_CHUNK_BYTES / 2**20
+def engine_options(a) -> EngineOptions:
+    """The engine's options with this run's A/B flags applied (the defaults: what `codetune train` runs)."""
+    chunk = {} if a.mlp_chunk_mib is None else {"mlp_chunk_bytes": a.mlp_chunk_mib * 2**20}
+    return EngineOptions(nf4_dequant=a.nf4_dequant, **chunk)
 
 
 def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> dict:
@@ -152,14 +153,16 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
     step_s = sorted(times)[len(times) // 2]
     res = {"engine": "codetune", "quant": a.quant, "seq": seq, "rank": a.rank, "last_layers": a.last_layers,
            "fast_lora": not a.no_fast_lora, "fast_layers": not a.no_fast_layers, "cuda_graphs": a.cuda_graphs, "offload": a.offload, "max_vram": a.max_vram,
-           "cpu_embeddings": not a.no_cpu_embeddings, "mlp_chunk_mib": _mlp_chunk_mib(),
+           "cpu_embeddings": not a.no_cpu_embeddings, "mlp_chunk_mib": engine_options(a).mlp_chunk_bytes / 2**20,
            "trainable_params": trainable, "tokens_per_s": round(seq / step_s, 1)}
+    if a.nf4_dequant != EngineOptions.nf4_dequant:  # (bench/report.py names the row after it)
+        res["dequant"] = a.nf4_dequant
     bank = graph_bank(model)
     if bank is not None:
         from codetune.config import CUDA_GRAPHS_AUTO_MAX_TOKENS
         res.update(graphs_captured=bank.captured, graphs_failure=bank.failure, graphs_active=bank.active and bank.enabled,
                    graphs_auto_max_tokens=CUDA_GRAPHS_AUTO_MAX_TOKENS)
-    res["kernels"] = kernel_report()
+    res["kernels"] = kernel_report(model)
     if device.type == "cuda":  # (train_step resets the allocator's peak counters per step: PeakMeter)
         peaks = run.peaks.summary()
         res.update(peak_allocated_gib=peaks["train_peak_alloc_gib"], peak_reserved_gib=peaks["train_peak_reserved_gib"],
@@ -167,16 +170,18 @@ def measure(a, seq, cfgs, acc, device, model, opt, sched, vocab, trainable) -> d
     return res
 
 
-def kernel_report() -> dict:
+def kernel_report(model) -> dict:
     """Which of the fused path's checked kernels ran (an A/B that compares engines must compare like with
     like): the Triton rotary's first-use verdict and how many NF4 weights dequantize through Triton."""
     import gc
 
-    from codetune.model import rotary_kernel
-    from codetune.model.nf4 import Nf4Weight
+    from codetune.model.kernels.nf4 import Nf4Weight
+    from codetune.model.layers import LayerRunner, decoder_layers
 
+    runners = [r for r in (layer.__dict__.get("forward") for layer in decoder_layers(model)) if isinstance(r, LayerRunner)]
+    fused = [r.fast for r in runners if r.fast is not None]
     nf4 = [o for o in gc.get_objects() if isinstance(o, Nf4Weight)]
-    return {"rotary_triton": rotary_kernel.STATUS["ok"], "nf4_weights": len(nf4),
+    return {"rotary_triton": fused[0].rotary.check.ok if fused else None, "nf4_weights": len(nf4),
             "nf4_triton": sum(bool(o.use_triton) for o in nf4)}
 
 

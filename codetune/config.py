@@ -41,7 +41,7 @@ LOADS_MODEL = ("train", "eval", "merge", "generate", "serve")  # build the model
 
 @dataclass
 class ModelConfig(Section):
-    model: str = opt("tiny-stablelm", "registry name (stable-code-3b, tiny-stablelm), hub id or local directory",
+    model: str = opt("tiny-stablelm", "registry name (stable-code-3b, qwen2.5-coder-1.5b, tiny-stablelm, tiny-qwen2), hub id or local directory",
                      used_by=("prepare", "plan", *LOADS_MODEL))
     random_init: bool = opt(False, "build the architecture with random weights instead of loading them (offline tests, benchmarks)",
                             used_by=("prepare", *LOADS_MODEL))

@@ -7,6 +7,7 @@ built offline for tests, the planner and benchmarks: weight values don't change 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import socket
 import threading
@@ -15,35 +16,44 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from codetune.fields import ConfigError
+from codetune.model import arch as archs  # (the records only: the families import torch when first asked)
+from codetune.model.arch import SpecialTokens
 
-# stable-code's special tokens. FIM strings must each be one token, or FIM data is silently wrong.
-EOS_TOKEN = "<|endoftext|>"
-FIM_PREFIX = "<fim_prefix>"
-FIM_SUFFIX = "<fim_suffix>"
-FIM_MIDDLE = "<fim_middle>"
-FIM_PAD = "<fim_pad>"
-SPECIAL_TOKENS = (EOS_TOKEN, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_PAD)
+DEFAULT_FAMILY = "stablelm"
+
+
+def default_tokens() -> SpecialTokens:
+    """What a model whose family codetune cannot tell (a hub id not in the cache, a config of an unknown
+    family) gets: stable-code's special tokens, as every model did before there were families."""
+    return archs.by_family(DEFAULT_FAMILY).tokens
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     hub_id: str | None  # None: exists only as a random-init shape (tiny test model)
-    arch: dict = field(default_factory=dict)  # StableLmConfig keyword arguments
+    arch: dict = field(default_factory=dict)  # the family's transformers config keyword arguments
     description: str = ""
+    family: str = DEFAULT_FAMILY  # model/arch/: which family's config, layers and special tokens
 
     @property
     def max_positions(self) -> int:
         return int(self.arch["max_position_embeddings"])
 
-    def hf_config(self, vocab_size: int | None = None):
-        """A transformers StableLmConfig of this exact shape (vocab may be overridden for tiny models)."""
-        from transformers import StableLmConfig
+    @property
+    def family_arch(self) -> archs.Arch:
+        return archs.by_family(self.family)
 
+    @property
+    def tokens(self) -> SpecialTokens:
+        return self.family_arch.tokens
+
+    def hf_config(self, vocab_size: int | None = None):
+        """A transformers config of this family and exact shape (vocab may be overridden for tiny models)."""
         kw = dict(self.arch)
         if vocab_size is not None:
             kw["vocab_size"] = vocab_size
-        return StableLmConfig(**kw)
+        return self.family_arch.hf_config(kw)
 
 
 # Values of stabilityai/stable-code-3b's config.json.
@@ -70,6 +80,23 @@ _TINY = dict(_STABLE_CODE_3B, hidden_size=64, intermediate_size=172, num_hidden_
 _SMALL = dict(_STABLE_CODE_3B, hidden_size=640, intermediate_size=1728, num_hidden_layers=10,
               num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=4096)
 
+# Values of Qwen/Qwen2.5-Coder-1.5B's config.json: grouped-query attention (12 heads, 2 kv heads), q/k/v bias,
+# RMSNorm, full rotary with base 1e6, input embeddings tied to the output layer. Sliding window off, as there
+# (its other fields are left at transformers' defaults: with it off, no layer reads them).
+_QWEN25_CODER_15B = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    num_attention_heads=12, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+    attention_dropout=0.0, bos_token_id=151643, eos_token_id=151643, initializer_range=0.02,
+)
+
+# The same design at test size: 2 layers, hidden 64, 4 heads over 2 kv heads (grouped-query), the wider init
+# of tiny-stablelm (same reason). Its tokenizer in tests: the GPT-NeoX fixture with Qwen's FIM tokens added
+# by model/tokenizer.ensure_special_tokens (docs/training.md, Model families).
+_TINY_QWEN2 = dict(_QWEN25_CODER_15B, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, vocab_size=4096,
+                   initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+
 MODELS: dict[str, ModelSpec] = {
     "stable-code-3b": ModelSpec(
         "stable-code-3b", "stabilityai/stable-code-3b", _STABLE_CODE_3B,
@@ -79,12 +106,58 @@ MODELS: dict[str, ModelSpec] = {
     "stablelm-114m": ModelSpec(
         "stablelm-114m", None, _SMALL, "10-layer StableLM of stable-code-3b's design, pretrained from scratch by "
         "bench/quality"),
+    "qwen2.5-coder-1.5b": ModelSpec(
+        "qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B", _QWEN25_CODER_15B,
+        "1.5B Qwen2.5-Coder: grouped-query attention, tied embeddings, 32k context, fill-in-the-middle",
+        family="qwen2"),
+    "tiny-qwen2": ModelSpec(
+        "tiny-qwen2", None, _TINY_QWEN2, "2-layer random-init Qwen2 for tests of the second model family",
+        family="qwen2"),
 }
 
 
 def lookup(name: str) -> ModelSpec | None:
     """The spec for a registry name, or None for a hub id / local directory."""
     return MODELS.get(name)
+
+
+def family_of(name: str) -> archs.Arch | None:
+    """The family of a registry name, a local model directory or a hub id in the local cache (read from its
+    config.json's model_type, offline); None where it cannot be told or is not one codetune knows."""
+    spec = lookup(name)
+    if spec is not None:
+        return spec.family_arch
+    path = Path(name).expanduser() / "config.json"
+    if not path.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a valid repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return archs.by_model_type(json.loads(path.read_text(encoding="utf-8")).get("model_type"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def special_tokens(name: str) -> SpecialTokens:
+    """The special tokens of model `name` (see family_of), stable-code's where its family is unknown."""
+    family = family_of(name)
+    return family.tokens if family is not None else default_tokens()
+
+
+def tokens_in(tok) -> SpecialTokens:
+    """The special tokens of the family whose FIM tokens tokenizer `tok` already holds (a saved run's or a
+    merged model's tokenizer); stable-code's where none does."""
+    vocab = tok.get_vocab()
+    for family in archs.families().values():
+        if all(t in vocab for t in family.tokens.fim()):
+            return family.tokens
+    return default_tokens()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def tiny_data(tmp_path_factory, stdlib) -> Path:
 
 
 class FakeCudaGraphs:
-    """Enough of torch.cuda for a decoder's graph capture (export/static_decode.capture_step) to run on the
+    """Enough of torch.cuda for a decoder's graph capture (model/static_cache.capture_step) to run on the
     CPU: the capture runs the step (keeping its output as the graph's buffer) and then undoes its effect on
     the cache, as a real capture records kernels without running them; replay runs the step again, on the
     same input buffers, into that buffer. mode: "exact", "differ" (replays are off by a little) or "fail"
@@ -110,7 +110,7 @@ def interrupted_train():
     import sys
     import time
 
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     def run(args, out, env, cwd=None) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "codetune", "train", *args], stdout=subprocess.DEVNULL,

@@ -5,7 +5,7 @@ import json
 import time
 
 from codetune.cli import main
-from codetune.train.metrics import read_metrics
+from codetune.metrics import read_metrics
 
 
 def test_demo_learns_and_says_so(tmp_path, capsys):

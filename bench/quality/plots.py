@@ -51,7 +51,7 @@ def training_png(ctx, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     runs = [p for p in sorted(ctx.path("runs").glob("*/metrics.jsonl"))]
     if not runs:

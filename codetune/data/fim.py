@@ -1,6 +1,7 @@
 """Stage 8: fill-in-the-middle. A document is cut at two random character positions into prefix,
 middle and suffix and rewritten as PSM (prefix, suffix, then middle to predict) or SPM (suffix first),
-the formats stable-code-3b was trained with. The model then learns to complete code given the code
+the formats stable-code-3b (and Qwen2.5-Coder) were trained with, written with the model family's FIM
+tokens (model/arch/: `<fim_prefix>` for stable-code, `<|fim_prefix|>` for Qwen2.5-Coder). The model then learns to complete code given the code
 after the cursor, which is what an editor plugin asks of it.
 
 The choice for each document comes from a generator seeded by the run seed and the document's hash,
@@ -12,8 +13,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from codetune import registry
 from codetune.config import ConfigError
-from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from codetune.model.arch import SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -23,18 +25,21 @@ class FimPieces:
     parts: tuple[tuple[str | None, str], ...]  # (special token or None, text)
 
 
-def check_fim_tokens(tok, fim_rate: float) -> None:
-    """Each FIM string must be one token, or FIM training data is silently garbage. Checked first."""
+def check_fim_tokens(tok, fim_rate: float, tokens: SpecialTokens | None = None) -> None:
+    """Each FIM string (of `tokens`; stable-code's if None) must be one token, or FIM training data is
+    silently garbage. Checked first."""
     if fim_rate <= 0:
         return
-    for s in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE):
+    for s in (tokens or registry.default_tokens()).fim():
         ids = tok.encode(s, add_special_tokens=False)
         if len(ids) != 1:
             raise ConfigError(f"fim_rate={fim_rate} but the tokenizer splits {s!r} into {len(ids)} tokens {ids}: "
-                              "use a tokenizer with FIM tokens (stable-code-3b's own) or set --fim-rate 0")
+                              "use a tokenizer with the model's FIM tokens (its own) or set --fim-rate 0")
 
 
-def fim_split(text: str, key: str, fim_rate: float, spm_rate: float, seed: int = 0) -> FimPieces:
+def fim_split(text: str, key: str, fim_rate: float, spm_rate: float, seed: int = 0,
+              tokens: SpecialTokens | None = None) -> FimPieces:
+    pre_tok, suf_tok, mid_tok = (tokens or registry.default_tokens()).fim()
     rng = random.Random(f"{seed}:{key}")
     if len(text) < 2 or rng.random() >= fim_rate:
         return FimPieces("none", ((None, text),))
@@ -42,21 +47,22 @@ def fim_split(text: str, key: str, fim_rate: float, spm_rate: float, seed: int =
     pre, mid, suf = text[:a], text[a:b], text[b:]
     if rng.random() < spm_rate:
         # SPM as in stable-code / StarCoder: <fim_prefix><fim_suffix>suffix<fim_middle>prefix+middle
-        return FimPieces("spm", ((FIM_PREFIX, ""), (FIM_SUFFIX, suf), (FIM_MIDDLE, pre + mid)))
-    return FimPieces("psm", ((FIM_PREFIX, pre), (FIM_SUFFIX, suf), (FIM_MIDDLE, mid)))
+        return FimPieces("spm", ((pre_tok, ""), (suf_tok, suf), (mid_tok, pre + mid)))
+    return FimPieces("psm", ((pre_tok, pre), (suf_tok, suf), (mid_tok, mid)))
 
 
 def render(p: FimPieces) -> str:
     return "".join((tok or "") + text for tok, text in p.parts)
 
 
-def undo_fim(s: str) -> str:
+def undo_fim(s: str, tokens: SpecialTokens | None = None) -> str:
     """The original document from a rendered FIM sample (PSM or SPM); plain text is returned as is."""
-    if not s.startswith(FIM_PREFIX):
+    pre_tok, suf_tok, mid_tok = (tokens or registry.default_tokens()).fim()
+    if not s.startswith(pre_tok):
         return s
-    body = s[len(FIM_PREFIX):]
-    head, _, tail = body.partition(FIM_SUFFIX)
-    suffix, _, rest = tail.partition(FIM_MIDDLE)
+    body = s[len(pre_tok):]
+    head, _, tail = body.partition(suf_tok)
+    suffix, _, rest = tail.partition(mid_tok)
     if head == "":  # SPM (or PSM with an empty prefix: the same string, and the same answer)
         return rest + suffix
     return head + rest + suffix

@@ -28,6 +28,7 @@ from codetune.data.sources import Drop, Item
 from codetune.data.split import UnitKeys, unit_keys
 from codetune.data.stats import Stats
 from codetune.data.tokenize import PieceEncoder, compact
+from codetune.model.arch import SpecialTokens
 
 WORKER_STAGES = ("decode", "language", "quality", "redact")  # those that can drop inside a worker
 BATCH_FILES = 32
@@ -53,6 +54,7 @@ class Setup:
     group_near: bool = False  # near dedup off but a split to make: still hash, to keep near copies together
     bands: tuple = ()  # (bands, rows) of the LSH index, set by run(): band keys are made in the workers
     chat_template: chat.Template | None = None  # how prompt/response rows are rendered
+    fim_tokens: SpecialTokens | None = None  # the model family's FIM tokens (model/arch/); None: stable-code's
 
 
 _W: dict = {}  # per-process state: the setup, permutations and encoder
@@ -187,7 +189,7 @@ def encode_batch(docs: list[tuple[str | list, bytes]]) -> tuple[list[Tokens], li
     """Code (text) is FIM-rewritten at the run's rate; chat (rendered pieces) never is: a pair's order
     is the point of it, and FIM would scatter its loss mask."""
     s, clock, enc = _W["setup"], _Clock(), _W["enc"]
-    code = [(i, fim.fim_split(body, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed))
+    code = [(i, fim.fim_split(body, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed, s.fim_tokens))
             for i, (body, key) in enumerate(docs) if isinstance(body, str)]
     n_bytes = sum(len(b) if isinstance(b, str) else sum(len(p.text) for p in b) for b, _ in docs)
     clock.lap("fim", n_bytes)

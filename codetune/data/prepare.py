@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codetune import registry
 from codetune.atomic import replace_dir, temp_beside, write_text
 from codetune.config import ConfigError, DataConfig, ModelConfig
 from codetune.data import fastbpe, filters, languages, pipeline, split
@@ -33,6 +34,7 @@ from codetune.data.outdir import check_data_dir, clean_stale, local_inputs, writ
 from codetune.data.shards import Packer, ShardWriter, Staging
 from codetune.data.sources import Columns, Item, check_sources, iter_source, kind_of, resolve
 from codetune.data.stats import Stats
+from codetune.model.arch import SpecialTokens
 from codetune.model.tokenizer import cache_root, load_tokenizer, tokenizer_fingerprint
 
 CLI_FLAGS = [
@@ -142,7 +144,8 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = F
     clean_stale(out, (cache_root() / "bpe-samples",))
     corpus = corpus_for_bpe(data, allowed) if model.tokenizer is None and model.random_init else None
     tok = load_tokenizer(model, corpus_files=corpus)
-    check_fim_tokens(tok, data.fim_rate)
+    tokens = registry.special_tokens(model.model)  # (the model family's FIM tokens: model/arch/)
+    check_fim_tokens(tok, data.fim_rate, tokens)
     template = template_of(tok, data.chat_template)
     if template.jinja and any(resolve(s, columns(data), data.data_format).format != "code" for s in data.sources):
         check_template(template)
@@ -152,7 +155,7 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = F
         return {**old, "reused": True}
     tmp = temp_beside(out)
     try:
-        return _build(data, tok, key, allowed, decon, tmp, out, progress, n_files, t0, template)
+        return _build(data, tok, key, allowed, decon, tmp, out, progress, n_files, t0, template, tokens)
     except OSError as e:
         err = write_error(e, out, tmp)
         if err is None:
@@ -162,7 +165,8 @@ def prepare(data: DataConfig, model: ModelConfig, progress=None, force: bool = F
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a success (swapped in)
 
 
-def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_files, t0, template) -> dict:
+def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_files, t0, template,
+           tokens: SpecialTokens) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -173,7 +177,7 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
                                       data.max_mean_line_length, data.min_alnum_fraction),
         allowed=allowed, redact=data.redact_secrets, near_dedup=data.near_dedup, num_perm=data.minhash_perms,
         shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok_json,
-        special_ids=_fim_ids(tok), fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
+        special_ids=_fim_ids(tok, tokens), fim_tokens=tokens, fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
         fim_spm_rate=data.fim_spm_rate, seed=data.data_seed, group_near=data.val_fraction > 0,
         chat_template=template)
     stats = Stats()
@@ -236,10 +240,8 @@ def nothing_kept(stats: Stats, out: Path) -> str:
     return f"no documents kept: {what}{kept}. Fix: {fix} (docs/data.md lists every reason)"
 
 
-def _fim_ids(tok) -> dict:
-    from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-
-    return {t: tok.convert_tokens_to_ids(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)}
+def _fim_ids(tok, tokens: SpecialTokens) -> dict:
+    return {t: tok.convert_tokens_to_ids(t) for t in tokens.fim()}
 
 
 def _manifest(data, tok, key, stats: Stats, metas: dict, digest: str, seconds: float) -> dict:

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codetune.export.sampling import cache_kwarg
-from codetune.export.static_decode import capture_step, static_unsupported
+from codetune.model.static_cache import cache_kwarg, capture_step, static_unsupported
 
 log = logging.getLogger("codetune.eval")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from codetune import registry
 from codetune.eval.generation import GenSettings, GenStats, generate
 from codetune.eval.humaneval import write_jsonl
+from codetune.model.arch import SpecialTokens
 
 ITEMS_FILE = "fim.jsonl"  # one row per task, beside results.json; eval/report.py reads it
 
@@ -57,7 +58,7 @@ def docs_from_val(data_dir: str | Path, tok, max_docs: int = 2000) -> list[tuple
     from codetune.data.shards import PackedDataset
 
     ds = PackedDataset(data_dir, "val")
-    special = {tok.convert_tokens_to_ids(t) for t in registry.SPECIAL_TOKENS} - {tok.eos_token_id}
+    special = {tok.convert_tokens_to_ids(t) for t in registry.tokens_in(tok).all()} - {tok.eos_token_id}
     out = []
     carry = False  # the previous sequence ended inside a chat sample, which this one's first part continues
     for i in range(len(ds)):
@@ -120,9 +121,11 @@ def _mask(doc: tuple[str, str], kind: str, rng: random.Random) -> tuple[int, Fim
     return start, FimTask(kind, prefix, middle, suffix, name)
 
 
-def prompt(task: FimTask) -> str:
-    """stable-code's PSM order: the model writes the middle after <fim_middle> and ends with EOS."""
-    return f"{registry.FIM_PREFIX}{task.prefix}{registry.FIM_SUFFIX}{task.suffix}{registry.FIM_MIDDLE}"
+def prompt(task: FimTask, tokens: SpecialTokens | None = None) -> str:
+    """PSM order with the model family's FIM tokens (`tokens`; stable-code's if None): the model writes the
+    middle after <fim_middle> and ends with EOS."""
+    pre, suf, mid = (tokens or registry.default_tokens()).fim()
+    return f"{pre}{task.prefix}{suf}{task.suffix}{mid}"
 
 
 def normalize(text: str) -> str:
@@ -169,7 +172,7 @@ def evaluate(model, tok, tasks: list[FimTask], ecfg, out_dir: Path, log=print) -
         stop = ("\n",) if kind == "single_line" else ()
         stats = GenStats()
         log(f"fim {kind}: {len(ktasks)} tasks")
-        gens = generate(model, tok, [prompt(t) for t in ktasks],
+        gens = generate(model, tok, [prompt(t, registry.tokens_in(tok)) for t in ktasks],
                         GenSettings(max_new_tokens=budget, stop=stop, batch_size=ecfg.gen_batch_size,
                                     decode=ecfg.eval_decode), stats)
         scores = [score_one(t, g) for t, g in zip(ktasks, gens)]

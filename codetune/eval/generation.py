@@ -35,7 +35,7 @@ EVAL_DECODE_MODES = next(spec_of(f).choices for f in dataclasses.fields(EvalConf
 def resolve_decode(settings: GenSettings, model) -> str:
     """The way a batch will run (see EvalConfig.eval_decode): `auto` resolved, sampling always eager;
     ConfigError (naming the fix) for a mode that cannot run."""
-    from codetune.export.static_decode import static_unsupported
+    from codetune.model.static_cache import static_unsupported
 
     if settings.decode not in EVAL_DECODE_MODES:
         raise ConfigError(f"eval_decode={settings.decode!r}: choose one of {', '.join(EVAL_DECODE_MODES)}")

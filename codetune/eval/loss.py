@@ -1,5 +1,5 @@
 """Held-out loss and perplexity on the prepared validation split. The output projection is fused with
-the cross-entropy in chunks (codetune.train.loss), so no (tokens x vocab) logits tensor is ever kept:
+the cross-entropy in chunks (codetune.model.loss), so no (tokens x vocab) logits tensor is ever kept:
 at stable-code-3b's vocabulary one 4k-token sequence of fp32 logits alone would be 0.8 GiB."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from codetune.data.shards import IGNORE, PackedDataset, read_manifest
 from codetune.model.adapters import causal_lm
-from codetune.train.loss import linear_cross_entropy
+from codetune.model.loss import linear_cross_entropy
 
 
 def check_tokenizer(data_dir, tok) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from codetune.atomic import write_file, write_text
 from codetune.eval import fim, humaneval, stats
 from codetune.eval.passk import pass_at_k
-from codetune.train.metrics import read_metrics
+from codetune.metrics import read_metrics
 
 PUBLISHED_PASS1 = 0.324  # stable-code-3b's published HumanEval (Python) pass@1
 

@@ -16,14 +16,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from codetune import registry
 from codetune.config import ConfigError
+from codetune.model.arch import stablelm
 
 ARCH = "stablelm"
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex (GPT-NeoX and stable-code use it)
 # The GGUF's own KV keys for the FIM ids (no writer helper exists for them)
-FIM_KEYS = {registry.FIM_PREFIX: "tokenizer.ggml.fim_pre_token_id", registry.FIM_SUFFIX: "tokenizer.ggml.fim_suf_token_id",
-            registry.FIM_MIDDLE: "tokenizer.ggml.fim_mid_token_id", registry.FIM_PAD: "tokenizer.ggml.fim_pad_token_id"}
+# (of StableLM's special tokens: the only family this export writes)
+_T = stablelm.TOKENS
+FIM_KEYS = {_T.fim_prefix: "tokenizer.ggml.fim_pre_token_id", _T.fim_suffix: "tokenizer.ggml.fim_suf_token_id",
+            _T.fim_middle: "tokenizer.ggml.fim_mid_token_id", _T.fim_pad: "tokenizer.ggml.fim_pad_token_id"}
 # Weights of the checkpoint that llama.cpp has no tensor for: recomputed at load time
 SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
 

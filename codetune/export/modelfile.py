@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from codetune import registry
+from codetune.model.arch import stablelm
 
 PROMPT, SUFFIX = "{{ .Prompt }}", "{{ .Suffix }}"
+# GGUF export is StableLM's alone (gguf_file.read_shape refuses other families): its special tokens.
 # Ollama also stops at the file's EOS id; these cover a model that writes a FIM marker instead of ending.
-STOPS = (registry.EOS_TOKEN, registry.FIM_PREFIX, registry.FIM_SUFFIX, registry.FIM_MIDDLE, registry.FIM_PAD)
+STOPS = stablelm.TOKENS.all()
 
 
 def fim_prompt(prefix: str, suffix: str) -> str:
     """The text a fill-in-the-middle request becomes (the template's `.Suffix` branch, filled in)."""
-    return f"{registry.FIM_PREFIX}{prefix}{registry.FIM_SUFFIX}{suffix}{registry.FIM_MIDDLE}"
+    pre, suf, mid = stablelm.TOKENS.fim()
+    return f"{pre}{prefix}{suf}{suffix}{mid}"
 
 
 def template() -> str:

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 from codetune.config import ConfigError
-from codetune.export.adapter import FULL_WEIGHTS, BaseShape, base_shape
+from codetune.model.adapter_files import FULL_WEIGHTS, BaseShape, base_shape
 from codetune.model.load import RUN_INFO
 
 LORA_CONFIG = "adapter_config.json"

@@ -13,7 +13,6 @@ the paths differ only in how the forward pass runs.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from codetune import registry
+from codetune.model.static_cache import cache_kwarg
 
 if TYPE_CHECKING:
     from codetune.export.static_decode import Decoder
@@ -84,10 +84,10 @@ def fim_ids(tokenizer, prefix: str, suffix: str) -> list[int]:
 
 
 def fim_layout(tokenizer, prefix: list[int], suffix: list[int]) -> list[int]:
-    """The FIM prompt around an already tokenized prefix and suffix (for callers that trim them to fit)."""
-    special = tokenizer.convert_tokens_to_ids
-    return ([special(registry.FIM_PREFIX)] + list(prefix) + [special(registry.FIM_SUFFIX)] + list(suffix)
-            + [special(registry.FIM_MIDDLE)])
+    """The FIM prompt around an already tokenized prefix and suffix (for callers that trim them to fit), in
+    the FIM tokens of the model family the tokenizer belongs to (registry.tokens_in)."""
+    pre, suf, mid = (tokenizer.convert_tokens_to_ids(t) for t in registry.tokens_in(tokenizer).fim())
+    return [pre] + list(prefix) + [suf] + list(suffix) + [mid]
 
 
 def max_context(model) -> int:
@@ -114,15 +114,6 @@ def _processors(params: SamplingParams):
         if params.top_p < 1.0:
             procs.append(TopPLogitsWarper(params.top_p))
     return procs
-
-
-def cache_kwarg(model) -> str:
-    """transformers is renaming `past_key_values` to `cache` (deprecated in 5.2x); use the name this
-    version's forward declares, so the loop runs on older and newer releases without warnings."""
-    from codetune.model.adapters import causal_lm
-
-    base = causal_lm(model)
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class Steps(Protocol):

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from codetune.export.sampling import EagerSteps, cache_kwarg, max_context
+from codetune.export.sampling import EagerSteps, max_context
+from codetune.model.static_cache import cache_kwarg, capture_step, static_unsupported
 
 log = logging.getLogger("codetune.decode")
 
@@ -48,22 +49,6 @@ def bucket_len(needed: int, context: int) -> int:
     while n < needed:
         n *= 2
     return min(n, max(context, needed))
-
-
-def static_unsupported(model) -> str | None:
-    """Why a static cache cannot run this model (None: it can)."""
-    from codetune.model.adapters import causal_lm
-
-    base = causal_lm(model)
-    if not getattr(base, "_can_compile_fullgraph", False):
-        return f"{type(base).__name__} does not declare support for a static KV cache"
-    devices = set((getattr(base, "hf_device_map", None) or {}).values())
-    if len(devices) > 1:
-        return "the model is split across devices"
-    attn = getattr(base.config, "_attn_implementation", None)
-    if attn not in ("sdpa", "eager"):
-        return f"attention implementation {attn!r} (static decoding runs with sdpa or eager)"
-    return None
 
 
 def resolve_mode(mode: str, model) -> str:
@@ -165,44 +150,6 @@ class Decoder:
         slot.graph, slot.logits = got.graph, got.logits
         self.stats.captured += 1
         return got.logits
-
-
-@dataclass
-class CapturedStep:
-    """What capture_step gives: the graph (None where it could not run exactly), the step's logits from
-    whichever ran, and why there is no graph."""
-    graph: object | None  # torch.cuda.CUDAGraph
-    logits: torch.Tensor  # the graph's output buffer where graph is set
-    why: str | None = None
-
-
-def capture_step(forward, rewind, device: torch.device) -> CapturedStep:
-    """Capture `forward()` (a one-token step through a static cache, reading fixed input buffers) as a
-    CUDA graph and check its first replay against the eager step from the same cache state. `rewind()`
-    moves the cache back one token. Whatever happens, the cache ends one token on and the step's logits
-    come back; the single-stream Decoder and eval's batched decoder both capture through here."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # the warm-up capture wants, and the step the replay is checked against
-        ref = forward().clone()
-    torch.cuda.current_stream(device).wait_stream(side)
-    rewind()  # back to the position the graph will write
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = forward()
-    except Exception as e:  # noqa: BLE001 - whatever stops a capture, the eager step still runs
-        torch.cuda.synchronize(device)
-        first_line = (str(e).splitlines() or [""])[0]
-        # (nothing ran during the capture: redo the step)
-        return CapturedStep(None, forward(), f"capture failed ({type(e).__name__}: {first_line})")
-    graph.replay()
-    if not torch.equal(out, ref):
-        diff = (out.float() - ref.float()).abs().max().item()
-        rewind()  # the replay's keys and values are not trusted: redo the step eagerly
-        return CapturedStep(None, forward(),
-                            f"the graphed step's logits differ from the eager step's (max |diff| {diff:.3g})")
-    return CapturedStep(graph, out)
 
 
 class _StaticSteps:

@@ -1,21 +1,24 @@
-"""A StableLM decoder layer's training forward in four fused nodes instead of ~40 modules and ops.
+"""A decoder layer's training forward in four fused nodes instead of ~40 modules and ops.
 
-Same parameters, same math, same attention kernel as transformers' `StableLmDecoderLayer.forward`:
+Same parameters, same math, same attention kernel as transformers' decoder layer of the model's family
+(model/arch/: StableLM's `StableLmDecoderLayer`, Qwen2's `Qwen2DecoderLayer`):
 
-    x = LN1(h);  q, k, v = rotary(x [Wq; Wk; Wv]^T + LoRA)          one node (lora_fast._Fused)
+    x = norm1(h);  q, k, v = rotary(x [Wq; Wk; Wv]^T + LoRA)          one node (kernels/fused_lora._Fused)
     h = h + o_proj(attention(q, k, v))                               transformers' attention function
-    m = silu(g) * u  with  g, u = LN2(h) [Wg; Wu]^T + LoRA           one node
+    m = silu(g) * u  with  g, u = norm2(h) [Wg; Wu]^T + LoRA           one node
     h = h + down_proj(m)                                             one node
-    (past MLP_CHUNK_BYTES the last two lines run in sequence chunks: _ChunkedMLP)
+    (past EngineOptions.mlp_chunk_bytes the last two lines run in sequence chunks: _ChunkedMLP)
 
 Why: the 4k-token step was CPU-bound (bench/results: 262 ms of GPU work in a 465 ms step) on per-op
 and per-module Python overhead, x3 per layer (forward, recomputed forward, backward). Fusing the
 q/k/v and gate/up projections also dequantizes their NF4 weights into one matrix and runs one matmul.
 
 Used only where it is exact (`fast_forward` returns None otherwise, and the caller keeps transformers'
-forward): no dropout, no q/k layer norm, every projection either a frozen linear or a PEFT LoRA linear
+forward): a family model/arch/ knows, none of what its `why_not_fused` names (StableLM: q/k layer norm;
+Qwen2: sliding-window attention), no dropout, every projection either a frozen linear or a PEFT LoRA linear
 on the fast path, no Accelerate weight-offload hooks. Caches (generation) always take transformers'
-path. tests/model/test_fast_layer.py holds the parity tests against transformers.
+path. `why_not_fused` is the one rule; tests/model/test_fast_layer.py (StableLM) and
+tests/model/test_fast_layer_qwen2.py hold the parity tests against transformers.
 
 This module changes nothing by itself: model/layers.py (the one place that swaps layer forwards)
 calls `fast_forward(layer)` and runs what it returns.
@@ -24,10 +27,13 @@ calls `fast_forward(layer)` and runs what it returns.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from codetune.model import arch as archs
 from codetune.model.attention import SPAN_KEYS
-from codetune.model.lora_fast import Projections, Rotary, compute_dtype_of, fused, holding, lora_parts
+from codetune.model.engine_state import EngineState
+from codetune.model.kernels.fused_lora import compute_dtype_of, fused, holding
+from codetune.model.kernels.rotary import Rotary, RotaryInputs
+from codetune.model.lora_fast import Projections, lora_parts
 
 _PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -47,15 +53,6 @@ def _dropout_free(layer) -> bool:
     if drop is not None and getattr(drop, "p", 0.0) > 0:
         return False
     return float(getattr(layer.self_attn, "attention_dropout", 0.0) or 0.0) == 0.0
-
-
-# The MLP runs in row chunks when its widest activation (tokens x intermediate, bf16) would exceed this:
-# at 16k tokens stable-code-3b's gate|up output alone is 453 MiB, and backward needs it twice over.
-# Chunks cost no FLOPs (see _ChunkedMLP) but CPU time per launch, and an 8k step is already near
-# CPU-bound. Measured on an H200 (bench/results/raw/s4b.*), stable-code-3b NF4 tok/s / GiB reserved:
-#   8k:  32 MiB 17,120 / 2.89   64 MiB 18,288 / 3.13   128 MiB (unchunked) ~19,300 / 3.64
-#   16k: 32 MiB 13,933 / 3.79   64 MiB 14,447 / 4.04   128 MiB 14,910 / 4.74 (call A, another H200)
-MLP_CHUNK_BYTES = 64 * 2**20
 
 
 class _ChunkedMLP(torch.autograd.Function):
@@ -90,11 +87,12 @@ class _ChunkedMLP(torch.autograd.Function):
         return dx, None, None, None, None
 
 
-def mlp_chunk_rows(batch: int, seq: int, inter: int, elem: int) -> int:
+def mlp_chunk_rows(batch: int, seq: int, inter: int, elem: int, budget: int) -> int:
     """Sequence positions per MLP chunk: the fewest chunks that keep one (rows x intermediate) activation
-    within MLP_CHUNK_BYTES, of equal size, rounded up to a multiple of 64 past 256 (no ragged last chunk;
-    row counts that GEMM tiles divide). `seq` (one chunk) when the whole MLP fits."""
-    limit = max(1, MLP_CHUNK_BYTES // (batch * inter * elem))
+    within `budget` bytes (EngineOptions.mlp_chunk_bytes: why 64 MiB, see there), of equal size, rounded up
+    to a multiple of 64 past 256 (no ragged last chunk; row counts that GEMM tiles divide). `seq` (one
+    chunk) when the whole MLP fits. The one rule: the fused layer and the planner (plan/memory.py) ask it."""
+    limit = max(1, budget // (batch * inter * elem))
     if limit >= seq:
         return seq
     per_chunk = -(-seq // -(-seq // limit))  # ceil(seq / number of chunks)
@@ -106,24 +104,28 @@ def _slices(n: int, step: int):
 
 
 class FastDecoderLayer:
-    """The fused training forward of one StableLM decoder layer (see the module docstring)."""
+    """The fused training forward of one decoder layer of family `arch` (see the module docstring). `state`:
+    the installation's (engine_state.EngineState), shared by all its layers."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, state: EngineState, arch: archs.Arch):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.stablelm.modeling_stablelm import eager_attention_forward
 
-        self.layer = layer
+        self.layer, self.state, self.norm = layer, state, arch.norm()
         attn = layer.self_attn
         self.mods = [_get(layer, p) for p in _PROJ]
-        self.qkv = Projections([lora_parts(m)[0] for m in self.mods[:3]])
-        self.o = Projections([lora_parts(self.mods[3])[0]])
-        self.gate_up = Projections([lora_parts(m)[0] for m in self.mods[4:6]])
-        self.down = Projections([lora_parts(self.mods[6])[0]])
-        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
-        self.rotary = Rotary(self.heads, self.kv_heads, self.head_dim, attn.rotary_ndims)
+        bases = [lora_parts(m).base for m in self.mods]
+        self.qkv = Projections(bases[:3], state)
+        self.o = Projections(bases[3:4], state)
+        self.gate_up = Projections(bases[4:6], state)
+        self.down = Projections(bases[6:7], state)
+        # (the config's counts: Qwen2's attention module keeps no head counts of its own)
+        self.heads, self.kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.rotary = Rotary(self.heads, self.kv_heads, self.head_dim, arch.rotary_dims(attn), state.rotary)
         self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                               eager_attention_forward)
-        self.parallel = bool(layer.use_parallel_residual)
+                                                               arch.eager_attention())
+        self.attention_kwargs = arch.attention_kwargs(attn)
+        self.parallel = bool(getattr(layer, "use_parallel_residual", False))
 
     def parts(self):
         """Current adapters of the 7 projections, or None if one left the fast path (disabled, merged)."""
@@ -135,20 +137,20 @@ class FastDecoderLayer:
         """The layer's output. grad_only=True: the call recomputes the layer for its backward, so the
         output's values are never read — the down projection's matmul (and, when chunked, the whole MLP
         forward) is skipped; every saved tensor the backward needs is still made."""
-        layer, attn = self.layer, self.layer.self_attn
+        layer, attn, norm = self.layer, self.layer.self_attn, self.norm
         b, s, h = hidden.shape
-        ln1 = layer.input_layernorm
-        x = F.layer_norm(hidden, (h,), ln1.weight, ln1.bias, ln1.eps)
+        x = norm(layer.input_layernorm, hidden)
         dtype = compute_dtype_of(x)
         cos, sin = position_embeddings
-        q, k, v = fused(x, self.qkv, parts[:3], dtype, "rotary", (self.rotary, cos.to(dtype), sin.to(dtype)))
+        q, k, v = fused(x, self.qkv, parts[:3], dtype, "rotary", RotaryInputs(self.rotary, cos.to(dtype), sin.to(dtype)))
         q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         # packed documents: the spans model/attention.py made for the batch (none = one document a row). The
         # position ids stay out: given them without spans, packed attention would derive spans itself.
         spans = {key: kwargs[key] for key in SPAN_KEYS if key in kwargs}
-        out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **spans)
+        out, _ = self.attention(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling,
+                                **self.attention_kwargs, **spans)
         a = fused(out.reshape(b, s, -1), self.o, parts[3:4], dtype)
 
         def swiglu_mlp(t, grad_only=grad_only):
@@ -161,27 +163,33 @@ class FastDecoderLayer:
         ln2 = layer.post_attention_layernorm
 
         def mlp(t, grad_only=False):
-            return swiglu_mlp(F.layer_norm(t, (h,), ln2.weight, ln2.bias, ln2.eps), grad_only)
+            return swiglu_mlp(norm(ln2, t), grad_only)
 
-        rows = mlp_chunk_rows(b, s, self.gate_up.sizes[0], torch.finfo(dtype).bits // 8)
+        rows = mlp_chunk_rows(b, s, self.gate_up.sizes[0], torch.finfo(dtype).bits // 8,
+                              self.state.options.mlp_chunk_bytes)
         if rows >= s:
             return hidden + mlp(hidden, grad_only)
         return hidden + _ChunkedMLP.apply(hidden, mlp, rows, grad_only, (self.gate_up, self.down))
 
 
-def fast_forward(layer) -> FastDecoderLayer | None:
-    """A FastDecoderLayer for `layer`, or None where it would not be exact (see the module docstring)."""
+def why_not_fused(layer) -> str | None:
+    """Why `layer` keeps transformers' forward (None: the fused layer reproduces it exactly). The one rule."""
     attn = getattr(layer, "self_attn", None)
-    if attn is None or type(layer).__name__ != "StableLmDecoderLayer" or getattr(attn, "qk_layernorm", True):
+    arch = archs.of_layer(layer)
+    if attn is None or arch is None:
+        return f"{type(layer).__name__} is not a decoder layer of a family in model/arch/"
+    if not _dropout_free(layer):
+        return "dropout"
+    if any(hasattr(m, "_hf_hook") for m in layer.modules()):
+        return "Accelerate offload hooks"  # (they bring weights in on each module call: keep those calls)
+    if any(m is None or lora_parts(m) is None for m in (_get(layer, p) for p in _PROJ)):
+        return "a projection off the fused LoRA path (trained, DoRA, dropout, disabled or missing)"
+    return arch.why_not_fused(layer)
+
+
+def fast_forward(layer, state: EngineState | None = None) -> FastDecoderLayer | None:
+    """A FastDecoderLayer for `layer` (state: the installation's; a new one if None), or None where it would
+    not be exact (why_not_fused says why; model/layers.install_layer_runners logs it)."""
+    if why_not_fused(layer) is not None:
         return None
-    if not _dropout_free(layer) or any(hasattr(m, "_hf_hook") for m in layer.modules()):
-        return None  # (Accelerate's offload hooks bring weights in on each module call: keep those calls)
-    mods = [_get(layer, p) for p in _PROJ]
-    if any(m is None or lora_parts(m) is None for m in mods):
-        return None
-    norms = [layer.input_layernorm] + ([] if layer.use_parallel_residual else [layer.post_attention_layernorm])
-    if any(not isinstance(n, torch.nn.LayerNorm) for n in norms):
-        return None
-    if getattr(attn, "rotary_ndims", 0) % 2:
-        return None
-    return FastDecoderLayer(layer)
+    return FastDecoderLayer(layer, state or EngineState(), archs.of_layer(layer))

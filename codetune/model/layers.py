@@ -15,14 +15,19 @@ exact (else transformers' own forward), in one of three modes:
 transformers skips its own checkpointing when the model is not in train() mode; ours keys on
 `torch.is_grad_enabled()` and the layer's `training` flag the same way, and the trainer calls
 `model.train()` explicitly. (The other instance-level swap, of PEFT LoRA linears, is model/lora_fast.py's
-`install_fast_lora`, called from the same place in train/recipe.py.)
+`install_fast_lora`, called from the same place in train/recipe.py with the same engine_state.EngineState.)
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
+
+from codetune.model.engine_state import EngineState
+
+log = logging.getLogger(__name__)
 
 
 def _has_trainable(module: torch.nn.Module) -> bool:
@@ -159,21 +164,25 @@ def _grads(ctx, grad_in):
     return (grad_in if ctx.needs_input_grad[0] else None), None, None, None, None, None, None, None
 
 
-# A leaf that requires grad, passed to the first trained layer behind frozen ones: autograd only calls a
-# Function's backward (and so reaches the LoRA weights inside) when some input requires grad. Making the
-# layer input itself a grad-requiring leaf instead would keep it alive until the end of backward (its
-# AccumulateGrad node holds it): 80 MiB at 16k tokens, measured at the peak.
-_ANCHOR = torch.zeros((), requires_grad=True)
+def new_anchor() -> torch.Tensor:
+    """A leaf that requires grad, passed to the first trained layer behind frozen ones: autograd only calls a
+    Function's backward (and so reaches the LoRA weights inside) when some input requires grad. Making the
+    layer input itself a grad-requiring leaf instead would keep it alive until the end of backward (its
+    AccumulateGrad node holds it): 80 MiB at 16k tokens, measured at the peak. One per installation."""
+    return torch.zeros((), requires_grad=True)
 
 
 class LayerRunner:
-    """Replaces one decoder layer's forward (instance attribute, see module docstring)."""
+    """Replaces one decoder layer's forward (instance attribute, see module docstring). `state` and
+    `anchor` are the installation's, shared by all its runners."""
 
     def __init__(self, layer, idx: int, checkpoint: bool, offloader: ActivationOffloader | None,
-                 prev_idx: int | None, fast: bool = True, bank=None):
+                 prev_idx: int | None, fast: bool = True, bank=None, state: EngineState | None = None,
+                 anchor: torch.Tensor | None = None):
         from codetune.model.fast_layer import fast_forward
 
         self.layer, self.idx = layer, idx
+        self.anchor = anchor if anchor is not None else new_anchor()
         # the instance's current forward: an Accelerate dispatch hook (weights offloaded to CPU) if one is
         # installed, so weights still arrive on the GPU before the layer runs
         self.original = layer.forward
@@ -181,7 +190,7 @@ class LayerRunner:
         self.checkpoint, self.offloader, self.prev_idx = checkpoint, offloader, prev_idx
         self.trainable = _has_trainable(layer)
         self.replay_rng = _stochastic(layer)
-        self.fast = fast_forward(layer) if (fast and not self.hooked) else None
+        self.fast = fast_forward(layer, state) if (fast and not self.hooked) else None
         self.graphs = None
         self.bank = bank
         if bank is not None and self.fast is not None and not self.replay_rng:
@@ -197,7 +206,7 @@ class LayerRunner:
             return (lambda h, grad_only=False: self.original(h, *args, **kwargs)), None
         graphed = None
         if self.graphs is not None and graphs:
-            key = tuple((a.data_ptr(), b.data_ptr()) if a is not None else None for _, a, b, _ in parts)
+            key = tuple((p.A.data_ptr(), p.B.data_ptr()) if p.A is not None else None for p in parts)
             graphed = self.graphs.get(hidden, kwargs, lambda h, **kw: self.fast(h, parts=parts, **kw), key)
         return (lambda h, grad_only=False: self.fast(h, parts=parts, grad_only=grad_only, **kwargs)), graphed
 
@@ -227,7 +236,7 @@ class LayerRunner:
         if not self.checkpoint:
             return fn(hidden_states)  # (autograd keeps the activations: nothing to graph)
 
-        anchor = None if hidden_states.requires_grad else _ANCHOR  # (first trained layer: see _ANCHOR)
+        anchor = None if hidden_states.requires_grad else self.anchor  # (first trained layer: see new_anchor)
         return _CheckpointedLayer.apply(hidden_states, anchor, fn, self.offloader, self.idx, self.prev_idx,
                                         self.replay_rng, graphed)
 
@@ -260,12 +269,14 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return m.layers
 
 
-def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
-                          fast: bool = True, cuda_graphs: str = "off") -> ActivationOffloader | None:
+def install_layer_runners(model, checkpoint: bool = True, offload: bool = False, fast: bool = True,
+                          cuda_graphs: str = "off", state: EngineState | None = None) -> ActivationOffloader | None:
     """Swap every decoder layer's forward for a LayerRunner. Call after adapters/freezing are applied
     (trainability is read once here). `fast`: use model/fast_layer.py where exact. `cuda_graphs`: auto | on
-    | off, model/graphs.py (CUDA, fused layers, one process). Returns the offloader."""
+    | off, model/graphs.py (CUDA, fused layers, one process). `state`: the installation's (train/recipe.py
+    shares one with install_fast_lora); a new one if None. Returns the offloader."""
     layers = decoder_layers(model)
+    state, anchor = state or EngineState(), new_anchor()
     device = next(model.parameters()).device
     offloader = ActivationOffloader(device) if (checkpoint and offload) else None
     bank = None
@@ -273,12 +284,19 @@ def install_layer_runners(model, checkpoint: bool = True, offload: bool = False,
         from codetune.model.graphs import GraphBank, single_process
 
         bank = GraphBank(cuda_graphs) if single_process() else None
-    prev = None
+    prev, plain = None, {}
     for i, layer in enumerate(layers):
-        runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast, bank)
+        runner = LayerRunner(layer, i, checkpoint, offloader, prev, fast, bank, state, anchor)
         layer.forward = runner
         if runner.trainable or prev is not None:
             prev = i
+        if fast and runner.fast is None:
+            from codetune.model.fast_layer import why_not_fused
+
+            why = "an offload hook wraps its forward" if runner.hooked else why_not_fused(layer)
+            plain[why] = plain.get(why, 0) + 1
+    for why, n in plain.items():  # (the engine plan asked for fused layers: say where they step aside)
+        log.info("%d of %d decoder layers keep transformers' forward: %s", n, len(layers), why)
     return offloader
 
 

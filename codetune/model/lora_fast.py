@@ -1,4 +1,5 @@
-"""One autograd node for one or several frozen linears (bf16, NF4 or int8) that read the same input,
+"""The fused LoRA linear: PEFT's LoRA layers run through one autograd node (model/kernels/fused_lora.py)
+for one or several frozen linears (bf16, NF4 or int8) that read the same input,
 each with an optional LoRA adapter, followed by an optional epilogue:
 
     y = x [W_1; ...; W_n]^T + [s_i (x A_i^T) B_i^T]_i          then  none | rotary(q, k) | silu(g) * u
@@ -12,27 +13,30 @@ weights are dequantized again instead of stored: they are 2-3x smaller than x at
 to rebuild). The 4k training step was measured CPU-bound on launches and Python calls, which is why
 the epilogues (partial rotary embedding of q and k, SwiGLU) live in the same node.
 
+This module is the PEFT- and weight-format-facing half: `Projections` (the frozen weights of a node, their
+dequantization and the adapter cast cache), `lora_parts` (which PEFT layers qualify) and the forward swap.
+
 The adapter tensors stay PEFT's own parameters, so saving/loading is unchanged. Used only where it is
 exact: one active adapter, no dropout, no DoRA, not merged. Anything else keeps PEFT's forward.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 
-from codetune.model.rotary_kernel import STATUS, rotary_triton
-from codetune.model.swiglu import swiglu_backward, swiglu_forward
+from codetune.model.engine_state import EngineState
+from codetune.model.kernels.fused_lora import LoraParts, compute_dtype_of, fused
 
 
-def weight_source(base: torch.nn.Module):
-    """A function (dtype, out=None) -> the base layer's weight as a dense (out, in) tensor."""
+def weight_source(base: torch.nn.Module, nf4_kernel: bool = True):
+    """A function (dtype, out=None) -> the base layer's weight as a dense (out, in) tensor. nf4_kernel=False:
+    NF4 weights through bitsandbytes' own dequantization (EngineOptions.nf4_dequant)."""
     if type(base.weight).__name__ == "Params4bit":
-        from codetune.model.nf4 import Nf4Weight
+        from codetune.model.kernels.nf4 import Nf4Weight
 
-        return Nf4Weight(base.weight)
+        return Nf4Weight(base.weight, kernel=nf4_kernel)
 
     def dense(dtype, out=None):
         w = dequantized_weight(base, dtype)
@@ -55,31 +59,14 @@ def dequantized_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tenso
     return w.to(dtype)
 
 
-# Bumped after every optimizer step (train/optim.py registers `adapters_changed` as a step hook): fused
-# optimizers (torch's fused AdamW, bitsandbytes' paged 8-bit) update parameters in place WITHOUT bumping
-# their version counters, so `_version` alone would keep serving the adapters of step 0 (measured: a
-# loss curve that never moved). Both are checked.
-_EPOCH = [0]
-
-
-# The compute-dtype adapters of the few most recently used projections: a layer's backward reuses what
-# its recompute just cast (4 fused nodes per layer). Not every layer's: those copies (48 MiB on
-# stable-code-3b) were measured alive at the step's peak.
-_CASTS: OrderedDict = OrderedDict()
-_CASTS_KEPT = 8
-
-
-def adapters_changed(*_args) -> None:
-    """Invalidate every cached compute-dtype copy of the adapters (an optimizer step hook)."""
-    _EPOCH[0] += 1
-
-
 class Projections:
-    """The frozen part of a fused node: n weight sources, their output sizes and (frozen) biases."""
+    """The frozen part of a fused node: n weight sources, their output sizes and (frozen) biases, and the
+    installation's state (engine_state.EngineState: the adapter cast cache, the NF4 dequant choice)."""
 
-    def __init__(self, bases: list[torch.nn.Module]):
+    def __init__(self, bases: list[torch.nn.Module], state: EngineState | None = None):
         self.bases = bases
-        self.sources = [weight_source(b) for b in bases]
+        self.state = state or EngineState()
+        self.sources = [weight_source(b, self.state.options.nf4_dequant == "triton") for b in bases]
         self.sizes = [int(b.out_features) for b in bases]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # first column of each output
         self.in_features = int(bases[0].in_features)
@@ -110,23 +97,16 @@ class Projections:
             self.held = None
 
     def adapters(self, As, Bs, lora: list[int], dtype: torch.dtype):
-        """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until the
-        optimizer (or a checkpoint load) changes a tensor in place — each cast and the concatenation
-        is a kernel launch, and the node runs three times per step (forward, recompute, backward)."""
+        """(concatenated A_i, [B_i]) of the adapted projections in the compute dtype. Cached until an
+        optimizer step or an in-place write changes a tensor (engine_state.AdapterCasts says how it
+        knows) — each cast and the concatenation is a kernel launch, and the node runs three times per
+        step (forward, recompute, backward)."""
         if As[lora[0]].is_cuda and torch.cuda.is_current_stream_capturing():
             # inside a CUDA graph (model/graphs.py) the casts are part of the graph, so every replay
             # reads the parameters' current values; a cached copy would be frozen into it
             return self._cast(As, Bs, lora, dtype)
-        key = (dtype, _EPOCH[0]) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
-        hit = _CASTS.get(id(self))
-        if hit is not None and hit[0] == key:
-            _CASTS.move_to_end(id(self))
-            return hit[1]
-        val = self._cast(As, Bs, lora, dtype)
-        _CASTS[id(self)] = (key, val)
-        if len(_CASTS) > _CASTS_KEPT:
-            _CASTS.popitem(last=False)
-        return val
+        key = (dtype,) + tuple((As[i]._version, As[i].data_ptr(), Bs[i]._version, Bs[i].data_ptr()) for i in lora)
+        return self.state.casts.get(self, key, lambda: self._cast(As, Bs, lora, dtype))
 
     @staticmethod
     def _cast(As, Bs, lora: list[int], dtype: torch.dtype):
@@ -144,200 +124,18 @@ class Projections:
         return self._bias[dtype]
 
 
-def holding(projections) -> ExitStack:
-    """Projections.holding() of several at once."""
-    stack = ExitStack()
-    for p in projections:
-        stack.enter_context(p.holding())
-    return stack
-
-
-class Rotary:
-    """Partial rotary embedding of q and k, applied in place on the fused q|k|v output (transformers'
-    `q*cos + rotate_half(q)*sin` on the first `rot` dims of each head, same rounding, op for op).
-    On CUDA one Triton launch (model/rotary_kernel.py) replaces the eight strided elementwise ops."""
-
-    def __init__(self, heads: int, kv_heads: int, head_dim: int, rot: int):
-        self.heads, self.kv_heads, self.head_dim, self.rot = heads, kv_heads, head_dim, rot
-
-    def _parts(self, y: torch.Tensor, batch: int):
-        n, hd = y.shape[0], self.head_dim
-        seq = n // batch
-        q_end, k_end = self.heads * hd, (self.heads + self.kv_heads) * hd
-        if self.heads == self.kv_heads:  # q and k in one strided view: half the launches
-            yield y[:, :k_end].view(batch, seq, 2, self.heads, hd)[..., :self.rot], 2
-        else:
-            yield from self._head_views([(y[:, :q_end], self.heads), (y[:, q_end:k_end], self.kv_heads)], batch)
-
-    def _head_views(self, tensors, batch: int):
-        for t, heads in tensors:
-            yield t.view(batch, t.shape[0] // batch, heads, self.head_dim)[..., :self.rot], 1
-
-    def apply_(self, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
-               inverse: bool = False) -> None:
-        """y: (batch*seq, q|k|v); cos/sin: (batch or 1, seq, rot). inverse=True applies the transpose
-        (the backward of a rotation)."""
-        if y.is_cuda and STATUS["ok"] is not False:
-            ref = y.clone() if STATUS["ok"] is None else None  # first use: check against the PyTorch ops
-            if rotary_triton(y, cos, sin, batch, self.heads + self.kv_heads, self.head_dim, self.rot // 2, inverse):
-                if ref is not None:
-                    self._ops(self._parts(ref, batch), cos, sin, inverse)
-                    STATUS["ok"] = bool(torch.equal(y, ref))
-                    STATUS["check"] = "identical" if STATUS["ok"] else "differs: PyTorch ops used from now on"
-                    y.copy_(ref)
-                return
-        self._ops(self._parts(y, batch), cos, sin, inverse)
-
-    def apply_qk_(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int,
-                  inverse: bool = False) -> None:
-        """The same on separate q (batch*seq, heads*hd) and k (batch*seq, kv_heads*hd) tensors (the
-        backward gets dq and dk from attention as two tensors: no concatenated copy)."""
-        todo = []
-        for t, heads in ((q, self.heads), (k, self.kv_heads)):
-            # (the kernel was checked against the PyTorch ops by the forward's first apply_)
-            if not (t.is_cuda and STATUS["ok"]
-                    and rotary_triton(t, cos, sin, batch, heads, self.head_dim, self.rot // 2, inverse)):
-                todo.append((t, heads))
-        if todo:
-            self._ops(self._head_views(todo, batch), cos, sin, inverse)
-
-    def _ops(self, parts, cos, sin, inverse):
-        half = self.rot // 2
-        for part, extra in parts:
-            shape = (cos.shape[0], cos.shape[1]) + (1,) * extra + (half,)
-            c1, c2 = cos[..., :half].reshape(shape), cos[..., half:].reshape(shape)
-            s1, s2 = sin[..., :half].reshape(shape), sin[..., half:].reshape(shape)
-            x1, x2 = part[..., :half], part[..., half:]
-            if inverse:  # transpose of [[c1, -s1], [s2, c2]]
-                n1, n2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
-            else:
-                n1, n2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-            x1.copy_(n1)
-            x2.copy_(n2)
-
-
-class _Fused(torch.autograd.Function):
-    """x -> outputs; args after `spec`: A_1, B_1, ..., A_n, B_n (None where a projection has no adapter).
-
-    Epilogue "unused": the caller will never read the output's values, only back-propagate through it
-    (the last projection of a layer recomputed for its backward: the recomputed layer output is thrown
-    away). Then the base matmul is skipped and the output is left uninitialised; x and x A^T are still
-    saved, so the backward is exactly the ordinary one."""
-
-    @staticmethod
-    def forward(ctx, x, spec, *ab):
-        proj, scales, dtype, epi, extra = spec
-        in_dtype, shape = x.dtype, x.shape
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = x.reshape(-1, shape[-1]).to(dtype)
-            unused = epi == "unused"
-            if unused:  # only the graph is wanted (see the class docstring): no matmul, no values
-                y = torch.empty(x2.shape[0], sum(proj.sizes), dtype=dtype, device=x.device)
-            else:
-                w = proj.weight(dtype, x.device)
-                y = x2 @ w.t()
-                del w
-                bias = proj.bias(dtype)
-                if bias is not None:
-                    y += bias
-            As, Bs = ab[0::2], ab[1::2]
-            lora = [i for i, a in enumerate(As) if a is not None]
-            xa = None
-            if lora:
-                a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
-                xa = x2 @ a_cat.t()  # every adapter's x A_i^T in one matmul (backward needs it)
-                r0 = 0
-                for j, i in enumerate(lora):
-                    r, c = As[i].shape[0], proj.offsets[i]
-                    if not unused:
-                        y[:, c:c + proj.sizes[i]].addmm_(xa[:, r0:r0 + r], b_list[j].t(), alpha=scales[i])
-                    r0 += r
-            if epi == "rotary":
-                rotary, cos, sin = extra
-                rotary.apply_(y, cos, sin, shape[0])
-                ctx.rotary = extra
-                outs = [o.view(*shape[:-1], o.shape[-1]) for o in y.split(proj.sizes, dim=1)]
-            elif epi == "swiglu":
-                outs = [swiglu_forward(y, proj.sizes[0]).view(*shape[:-1], proj.sizes[0])]
-            else:
-                outs = [y.view(*shape[:-1], y.shape[-1])]
-        ctx.save_for_backward(x2, xa, *ab, y if epi == "swiglu" else None)
-        ctx.spec, ctx.lora, ctx.in_dtype, ctx.shape = spec, lora, in_dtype, shape
-        return tuple(outs) if len(outs) > 1 else outs[0]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        proj, scales, dtype, epi, _ = ctx.spec
-        x2, xa, *ab, y = ctx.saved_tensors
-        As, Bs = ab[0::2], ab[1::2]
-        n_rows = x2.shape[0]
-        with torch.autocast(x2.device.type, enabled=False):
-            # the output gradient as column blocks [(tensor, first column)], never concatenated
-            if epi == "swiglu":
-                # dg|du are written over the saved gate|up output, which nothing reads after this
-                blocks = [(swiglu_backward(y, grads[0].reshape(n_rows, -1).to(dtype), proj.sizes[0], out=y), 0)]
-            else:
-                blocks = [(torch.zeros(n_rows, n, dtype=dtype, device=x2.device) if d is None
-                           else d.reshape(n_rows, n).to(dtype), c)
-                          for d, n, c in zip(grads, proj.sizes, proj.offsets)]
-                if epi == "rotary":
-                    # in place on dq and dk: each is attention's own gradient buffer, read by nothing else
-                    rotary, cos, sin = ctx.rotary
-                    blocks[:2] = [(t if t.stride(1) == 1 else t.contiguous(), c) for t, c in blocks[:2]]
-                    rotary.apply_qk_(blocks[0][0], blocks[1][0], cos, sin, ctx.shape[0], inverse=True)
-
-            def dy_of(i: int) -> torch.Tensor:  # projection i's columns of the output gradient
-                c = proj.offsets[i]
-                for blk, c0 in blocks:
-                    if c0 <= c < c0 + blk.shape[1]:
-                        return blk[:, c - c0:c - c0 + proj.sizes[i]]
-                raise AssertionError(c)
-
-            dx = None
-            lora = ctx.lora
-            if lora:
-                a_cat, b_list = proj.adapters(As, Bs, lora, dtype)
-                dyb = [dy_of(i) @ b_list[j] for j, i in enumerate(lora)]
-                dyb = dyb[0] if len(dyb) == 1 else torch.cat(dyb, dim=1)
-                svec = [scales[i] for i in lora for _ in range(As[i].shape[0])]
-                # the scale s goes into the rank-r factors once (s = alpha/r is a power of two by default)
-                s_t = svec[0] if len(set(svec)) == 1 else torch.tensor(svec, dtype=dtype, device=dyb.device)
-                sdyb, sxa = dyb * s_t, xa * s_t
-            if ctx.needs_input_grad[0]:
-                w = proj.weight(dtype, x2.device)
-                for blk, c0 in blocks:  # dx = sum over blocks of dy_block @ W_block
-                    wb = w[c0:c0 + blk.shape[1]]
-                    dx = blk @ wb if dx is None else dx.addmm_(blk, wb)
-                del w
-                if lora:
-                    dx.addmm_(sdyb, a_cat)
-                dx = dx.view(ctx.shape).to(ctx.in_dtype)
-            out = [None] * (2 * len(As))
-            if lora:
-                dA = sdyb.t() @ x2  # (sum r, in): every adapter's A gradient in one matmul
-                r0 = 0
-                for i in lora:
-                    r = As[i].shape[0]
-                    if ctx.needs_input_grad[2 + 2 * i]:
-                        out[2 * i] = dA[r0:r0 + r].to(As[i].dtype)
-                    if ctx.needs_input_grad[3 + 2 * i]:
-                        out[2 * i + 1] = (dy_of(i).t() @ sxa[:, r0:r0 + r]).to(Bs[i].dtype)
-                    r0 += r
-        return (dx, None, *out)
-
-
-def lora_parts(module):
-    """(base layer, A, B, scale) of a PEFT LoRA linear on the fast path, (module, None, None, 1.0) for a
-    frozen plain linear; None when the fast path would not be exact."""
+def lora_parts(module) -> LoraParts | None:
+    """The LoraParts of a PEFT LoRA linear on the fast path (A, B None for a frozen plain linear); None when
+    the fast path would not be exact."""
     if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
         if getattr(module, "disable_adapters", False) or not _fast_eligible(module):
             return None
         name = module.active_adapters[0]
         base = module.base_layer
-        parts = (base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
+        parts = LoraParts(base, module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name]))
     elif hasattr(module, "weight") and hasattr(module, "in_features") and not hasattr(module, "lora_A"):
         base = module
-        parts = (module, None, None, 1.0)
+        parts = LoraParts(module, None, None, 1.0)
     else:
         return None
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -345,21 +143,6 @@ def lora_parts(module):
     if hasattr(base, "_hf_hook"):  # weights streamed in by Accelerate's offload hooks
         return None
     return parts
-
-
-def fused(x: torch.Tensor, proj: Projections, parts: list, dtype: torch.dtype, epilogue: str = "none",
-          extra=None):
-    """Run the fused node; parts[i] = lora_parts(...) of projection i."""
-    ab = []
-    for _, a, b, _ in parts:
-        ab += [a, b]
-    spec = (proj, [p[3] for p in parts], dtype, epilogue, extra)
-    return _Fused.apply(x, spec, *ab)
-
-
-def compute_dtype_of(x: torch.Tensor) -> torch.dtype:
-    """autocast's dtype when it is on (fp16 GPUs), else the activations' own (bf16, or fp32)."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def _fast_eligible(module) -> bool:
@@ -377,10 +160,10 @@ class FastLoRAForward:
     """Replaces one PEFT LoRA layer's forward (instance attribute). Falls back to PEFT's own forward
     whenever the fast path would not be exact (adapter disabled/merged, several adapters, dropout)."""
 
-    def __init__(self, module):
+    def __init__(self, module, state: EngineState):
         self.m = module
         self.original = type(module).forward.__get__(module)
-        self.proj = Projections([module.base_layer])
+        self.proj = Projections([module.base_layer], state)
 
     def __call__(self, x, *args, **kwargs):
         parts = None if (args or kwargs) else lora_parts(self.m)
@@ -389,8 +172,10 @@ class FastLoRAForward:
         return fused(x, self.proj, [parts], compute_dtype_of(x))
 
 
-def install_fast_lora(model) -> int:
-    """Swap the forward of every eligible PEFT LoRA linear; returns how many were swapped."""
+def install_fast_lora(model, state: EngineState | None = None) -> int:
+    """Swap the forward of every eligible PEFT LoRA linear; returns how many were swapped. `state`: the
+    installation's (train/recipe.build_model shares one with install_layer_runners); a new one if None."""
+    state = state or EngineState()
     n = 0
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "scaling"):
@@ -398,7 +183,7 @@ def install_fast_lora(model) -> int:
                 continue
             if not _fast_eligible(module):
                 continue
-            module.forward = FastLoRAForward(module)
+            module.forward = FastLoRAForward(module, state)
             n += 1
     return n
 

@@ -2,9 +2,10 @@
 
 Parameter terms (weights, adapters, gradients, optimizer states) are exact byte counts of the tensors
 the engine creates (tests check them against PEFT and bitsandbytes). Activation terms follow what
-autograd saves in one StableLM decoder layer with bf16 compute (no autocast: see train/recipe.py
-mixed_precision); they are estimates whose named constants below are calibrated against the measured
-peaks in bench/results/ (docs/memory.md).
+autograd saves in one decoder layer with bf16 compute (no autocast: see train/distributed.py
+mixed_precision); measured on StableLM, and assumed the same for Qwen2 (its RMSNorm saves about what
+LayerNorm does; not measured on a GPU yet); they are estimates whose named constants below are
+calibrated against the measured peaks in bench/results/ (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 from codetune import registry
 from codetune.config import ConfigError
+from codetune.model import arch as archs
 from codetune.model.engine_plan import engine_plan
 
 MiB, GiB = 2**20, 2**30
@@ -64,7 +66,7 @@ WEIGHT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "nf4": 2, "int8": 2}  # non-lin
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes of a StableLM-style decoder that memory depends on."""
+    """The sizes of a decoder that memory depends on (the family's facts: model/arch/ ShapeFacts)."""
     name: str
     vocab: int
     hidden: int
@@ -74,6 +76,7 @@ class Shape:
     kv_heads: int
     qkv_bias: bool = False
     tied: bool = False
+    norm_tensors: int = 2  # per norm: LayerNorm's weight and bias (StableLM), RMSNorm's weight alone (Qwen2)
 
     def linears(self) -> dict[str, tuple[int, int, bool]]:
         """Per decoder layer: module name -> (in_features, out_features, has_bias)."""
@@ -83,11 +86,11 @@ class Shape:
                 "gate_proj": (h, i, False), "up_proj": (h, i, False), "down_proj": (i, h, False)}
 
     def layer_other_params(self) -> int:
-        return 2 * 2 * self.hidden  # two LayerNorms, weight + bias
+        return 2 * self.norm_tensors * self.hidden  # two norms
 
     def outside_params(self) -> int:
-        """Embedding, final LayerNorm and lm_head: never quantized."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + 2 * self.hidden
+        """Embedding, final norm and lm_head (one table when tied): never quantized."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.norm_tensors * self.hidden
 
     def total_params(self) -> int:
         per_layer = sum(i * o + (o if b else 0) for i, o, b in self.linears().values()) + self.layer_other_params()
@@ -98,7 +101,7 @@ def model_shape(model: str) -> Shape:
     """A registry name, a local model directory or a hub id already in the local cache (no network)."""
     spec = registry.lookup(model)
     if spec is not None:
-        a = spec.arch
+        a = {**spec.arch, "model_type": spec.family_arch.model_type}
     else:
         from transformers import AutoConfig
 
@@ -108,9 +111,11 @@ def model_shape(model: str) -> Shape:
             raise ConfigError(f"model={model!r}: cannot read its config.json offline ({e.__class__.__name__}). "
                               f"Give a local model directory, a hub id already in the Hugging Face cache, "
                               f"or one of {list(registry.MODELS)}") from None
+    # (a family codetune does not know is read as StableLM's, as every model was before there were families)
+    facts = (archs.by_model_type(a.get("model_type")) or archs.by_family(registry.DEFAULT_FAMILY)).shape_facts(a)
     return Shape(model, a["vocab_size"], a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"],
                  a["num_attention_heads"], a.get("num_key_value_heads") or a["num_attention_heads"],
-                 bool(a.get("use_qkv_bias", False)), bool(a.get("tie_word_embeddings", False)))
+                 facts.qkv_bias, facts.tied, facts.norm_tensors)
 
 
 def linear_weight_bytes(fin: int, fout: int, precision: str) -> int:
@@ -151,7 +156,7 @@ def trainable_tensors(cfgs: dict, shape: Shape, precision: str) -> list[tuple[in
         if precision in ("nf4", "int8"):
             raise ConfigError("method=full cannot train quantized weights; use --precision bf16 or --method lora")
         per = [i * o for i, o, _ in shape.linears().values()] + [o for _, o, b in shape.linears().values() if b]
-        per += [shape.hidden] * 4  # the two LayerNorms' weight and bias
+        per += [shape.hidden] * 2 * shape.norm_tensors  # the two norms' weight (and bias)
         outside = [(shape.outside_params(), WEIGHT_BYTES[precision])] if adapter.train_embeddings else []
         return [(k, WEIGHT_BYTES[precision]) for k in per] * n + outside
     r = adapter.rank
@@ -193,6 +198,7 @@ def fused_layer_bytes(shape: Shape, tokens: int, batch: int, elem: int = 2) -> i
     recompute saves (LN1 output, q|k|v, attention output + logsumexp, the residual after attention), then
     the larger of attention's backward (+ the gradient it hands on) and one MLP chunk's backward (gate|up
     output, overwritten by its gradient; SwiGLU output and its gradient; the held dequantized weights)."""
+    from codetune.model.engine_state import EngineOptions
     from codetune.model.fast_layer import mlp_chunk_rows
 
     h, i, nh = shape.hidden, shape.intermediate, shape.heads
@@ -200,7 +206,7 @@ def fused_layer_bytes(shape: Shape, tokens: int, batch: int, elem: int = 2) -> i
     saved = tokens * (elem * (h + (h + 2 * kv) + h + h) + 4 * nh)
     attn = tokens * (attn_backward_bytes(h, kv, nh, elem) + elem * h)
     seq = tokens // batch
-    chunk = batch * mlp_chunk_rows(batch, seq, i, elem)
+    chunk = batch * mlp_chunk_rows(batch, seq, i, elem, EngineOptions().mlp_chunk_bytes)
     chunked = chunk < tokens  # then also: the held weights, and the full-length gradient in and out
     mlp = chunk * elem * (2 * i + i + i) + (elem * (3 * h * i + 2 * tokens * h) if chunked else 0)
     return saved + max(attn, mlp)
@@ -291,7 +297,7 @@ def estimate(cfgs: dict, gpu_bytes: int | None = None) -> Breakdown:
 
     # loss: the final LayerNorm's saved input and output and the grad_h the fused CE keeps (all in the
     # compute dtype), plus per chunk the fp32 logits and their bf16 gradient.
-    from codetune.train.loss import chunk_rows
+    from codetune.model.loss import chunk_rows
 
     loss = 3 * T * h * act + min(chunk_rows(v), T) * v * (4 + 2)
 

@@ -25,7 +25,7 @@ class CausalLMLoss(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, labels, **spans):
         from codetune.model.adapters import causal_lm
-        from codetune.train.loss import linear_cross_entropy
+        from codetune.model.loss import linear_cross_entropy
 
         lm = causal_lm(self.model)
         hidden = lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,

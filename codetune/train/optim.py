@@ -21,16 +21,9 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device):
-    """AdamW (fused on CUDA) or bitsandbytes' paged 8-bit AdamW, with the step hook the fused LoRA path
-    needs: these optimizers update weights without bumping version counters (model/lora_fast.py)."""
-    opt = _optimizer(model, cfg, device)
-    from codetune.model.lora_fast import adapters_changed
-
-    opt.register_step_post_hook(adapters_changed)
-    return opt
-
-
-def _optimizer(model, cfg: TrainConfig, device: torch.device):
+    """AdamW (fused on CUDA) or bitsandbytes' paged 8-bit AdamW. (Both update weights without bumping their
+    version counters; the fused LoRA path's adapter cache sees their steps by itself, through torch's
+    global step hook: model/engine_state.AdapterCasts.)"""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ConfigError("nothing to train: no parameter requires a gradient (check --method / --targets / --train-layers)")

@@ -51,12 +51,14 @@ class Run:
         self.peaks = self.peaks or PeakMeter(self.device)
 
 
-def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None):
+def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None, options=None):
     """Load -> adapters/freezing -> train mode -> layer runners (checkpointing, offload, frozen prefix).
-    Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine."""
+    Shared by `codetune train` and bench/train_bench.py so the benchmark measures the real engine.
+    `options`: model/engine_state.EngineOptions (None: the defaults `codetune train` runs)."""
     from codetune.model.adapters import apply_adapters, causal_lm
     from codetune.model.attention import use_packed_attention
     from codetune.model.engine_plan import engine_plan
+    from codetune.model.engine_state import EngineState
     from codetune.model.graphs import single_process
     from codetune.model.layers import install_layer_runners
     from codetune.model.load import load_model
@@ -73,10 +75,11 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None)
     if plan.packed_attention:
         use_packed_attention(lm)  # (before the layer runners: the fused layers pick it up)
     model.train()  # transformers only checkpoints in train mode; our layer runners key on it too
+    state = EngineState(options)  # (one per model: both installers share its cast cache and kernel check)
     if plan.fused_lora:
-        install_fast_lora(model)
+        install_fast_lora(model, state)
     offloader = install_layer_runners(model, checkpoint=tcfg.grad_checkpointing, offload=plan.offload_activations,
-                                      fast=plan.fused_layers, cuda_graphs=plan.cuda_graphs)
+                                      fast=plan.fused_layers, cuda_graphs=plan.cuda_graphs, state=state)
     if plan.cpu_embeddings:
         from codetune.model.embeddings import offload_input_embeddings
 
@@ -140,7 +143,7 @@ def setup(cfgs: dict) -> Run:
 
 
 def write_adapter(run: Run, path: Path) -> None:
-    from codetune.export.adapter import save_adapter
+    from codetune.model.adapter_files import save_adapter
 
     save_adapter(run.model, run.tokenizer, run.run_info, path)
 
@@ -246,9 +249,9 @@ def _train_step(run: Run, step: int) -> dict:
 
 
 def fit(run: Run) -> dict:
+    from codetune.metrics import MetricsLog
     from codetune.train.distributed import optimizer_state, sharded, whole_parameters
     from codetune.train.interrupt import Stopped, StopRequest
-    from codetune.train.metrics import MetricsLog
     from codetune.train.progress import Progress
     from codetune.train.state import Diverged, checkpoint_path, nonfinite_check, save_checkpoint
 
@@ -343,8 +346,8 @@ def fit(run: Run) -> dict:
 
 def finish(run: Run, summary: dict) -> None:
     from codetune.atomic import write_text
+    from codetune.metrics import plot_losses
     from codetune.train.distributed import whole_parameters
-    from codetune.train.metrics import plot_losses
 
     with whole_parameters(run.loss_fn):  # (FSDP2: all gather; the adapter is written once)
         if run.accelerator.is_main_process:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from codetune.atomic import is_leftover, replace_dir, write_error
 from codetune.config import ConfigError, flag_name
-from codetune.export.adapter import trained_state_dict
+from codetune.model.adapter_files import trained_state_dict
 
 RESUME_FILES = ("trainable.safetensors", "optimizer.pt", "state.pt", "run.json")
 # The resume rule. Settings that change the math of the run so far: a checkpoint made with other values
@@ -307,10 +307,7 @@ def apply_checkpoint(data: CheckpointData, model, optimizer, scheduler, run_cfg:
 
     with torch.no_grad():
         for n, t in data.tensors.items():
-            params[n].copy_(like_param(t, params[n]))  # (FSDP2: this process's shard of it)
-    from codetune.model.lora_fast import adapters_changed
-
-    adapters_changed()  # (copy_ bumps version counters too; this says it outright)
+            params[n].copy_(like_param(t, params[n]))  # (FSDP2: this process's shard; bumps version counters, so cached adapter casts go stale)
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(data.optimizer)  # (it restores the saved lr, weight decay, ... too)
     reshard_optimizer_state(optimizer)

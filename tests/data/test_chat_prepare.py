@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from codetune.config import ConfigError, DataConfig, ModelConfig
 from codetune.data.prepare import prepare
 from codetune.data.shards import IGNORE, PackedDataset
-from codetune.registry import FIM_PREFIX
+from codetune.registry import default_tokens
 
 SHARED = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.json"
 SECRET = "AKIAIOSFODNN7EXAMPLE"
@@ -93,7 +93,7 @@ def test_stages_apply_to_pairs_and_kinds_are_counted_apart(run):
 def test_labels_sit_on_responses_and_fim_never_touches_pairs(run):
     out, man = run
     tok = AutoTokenizer.from_pretrained(out / "tokenizer")
-    fim = tok.convert_tokens_to_ids(FIM_PREFIX)
+    fim = tok.convert_tokens_to_ids(default_tokens().fim_prefix)
     n_chat = n_fim = 0
     for ids, labels in _docs(out):  # a document cut by a sequence end continues as the next one's first
         text = tok.decode(ids)

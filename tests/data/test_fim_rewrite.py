@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from codetune import registry
 from codetune.config import ConfigError, ModelConfig
 from codetune.data.fim import check_fim_tokens, fim_split, render, undo_fim
 from codetune.data.tokenize import PieceEncoder
 from codetune.model.tokenizer import load_tokenizer
-from codetune.registry import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 SHARED = Path(__file__).resolve().parents[1] / "fixtures" / "gpt-neox-20b.json"
 
@@ -20,17 +20,22 @@ def tok():
     return load_tokenizer(ModelConfig(model="tiny-stablelm", random_init=True, tokenizer=str(SHARED)))
 
 
-def test_fim_round_trip_through_tokenizer(tok):
-    enc = PieceEncoder(tok.backend_tokenizer.to_str(),
-                       {t: tok.convert_tokens_to_ids(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)})
+@pytest.mark.parametrize("model", ["tiny-stablelm", "tiny-qwen2"])
+def test_fim_round_trip_through_tokenizer(model):
+    """Each family's own FIM tokens (stable-code's <fim_prefix>, Qwen's <|fim_prefix|>), added to the GPT-NeoX
+    fixture by load_tokenizer, round-trip through the encoder and back."""
+    tok = load_tokenizer(ModelConfig(model=model, random_init=True, tokenizer=str(SHARED)))
+    tokens = registry.special_tokens(model)
+    enc = PieceEncoder(tok.backend_tokenizer.to_str(), {t: tok.convert_tokens_to_ids(t) for t in tokens.fim()})
     rng = random.Random(0)
     docs = ["def f(x):\n    return x * 2  # héllo ünïcode ✓\n" * rng.randint(1, 5) + str(i) for i in range(40)]
-    pieces = [fim_split(d, str(i), 1.0 if i % 4 else 0.0, 0.5) for i, d in enumerate(docs)]
+    pieces = [fim_split(d, str(i), 1.0 if i % 4 else 0.0, 0.5, tokens=tokens) for i, d in enumerate(docs)]
     assert {p.mode for p in pieces} == {"none", "psm", "spm"}
+    assert all(p.parts[0][0] == tokens.fim_prefix for p in pieces if p.mode != "none")
     for d, p, ids in zip(docs, pieces, enc.encode(pieces)):
         decoded = tok.decode(ids.tolist(), skip_special_tokens=False)
         assert decoded == render(p)
-        assert undo_fim(decoded) == d
+        assert undo_fim(decoded, tokens) == d
 
 
 def test_fim_choice_is_deterministic():

@@ -9,7 +9,7 @@ from codetune.cli import main
 from codetune.config import ConfigError
 from codetune.data.shards import IGNORE, PackedDataset, read_manifest
 from codetune.data.stdlib_pairs import pairs_from_source, write_pairs
-from codetune.train.metrics import read_metrics
+from codetune.metrics import read_metrics
 
 SRC = '''
 def scale(values, factor=2):

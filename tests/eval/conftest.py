@@ -58,7 +58,7 @@ def data_dir(tmp_path_factory, tokenizer):
 
     d = tmp_path_factory.mktemp("data")
     docs = [t for _, t in stdlib_sources()]
-    fim_doc = f"{registry.FIM_PREFIX}def a():\n{registry.FIM_SUFFIX}\n    return 1\n{registry.FIM_MIDDLE}    x = 2\n"
+    fim_doc = f"{registry.default_tokens().fim_prefix}def a():\n{registry.default_tokens().fim_suffix}\n    return 1\n{registry.default_tokens().fim_middle}    x = 2\n"
     write_split(d, "train", tokenizer, docs[:2])
     write_split(d, "val", tokenizer, docs[2:] + [fim_doc])
     tokenizer.save_pretrained(d / "tokenizer")

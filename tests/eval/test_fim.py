@@ -30,7 +30,7 @@ def test_few_documents_give_several_distinct_tasks():
 
 def test_prompt_is_psm():
     t = fim.FimTask("single_line", "a\n", "b", "\nc", "x")
-    assert fim.prompt(t) == f"{registry.FIM_PREFIX}a\n{registry.FIM_SUFFIX}\nc{registry.FIM_MIDDLE}"
+    assert fim.prompt(t) == f"{registry.default_tokens().fim_prefix}a\n{registry.default_tokens().fim_suffix}\nc{registry.default_tokens().fim_middle}"
 
 
 def test_scoring():
@@ -47,7 +47,7 @@ def test_scoring():
 def test_val_split_documents_skip_fim_formatted_ones(data_dir, tokenizer):
     docs = fim.docs_from_val(data_dir, tokenizer)
     texts = [t for _, t in docs]
-    assert texts and not any(registry.FIM_MIDDLE in t or "x = 2" in t for t in texts)
+    assert texts and not any(registry.default_tokens().fim_middle in t or "x = 2" in t for t in texts)
     assert any("def " in t for t in texts)
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from codetune.config import ModelConfig
-from codetune.export.adapter import save_adapter
+from codetune.model.adapter_files import save_adapter
 from codetune.model.load import load_model, load_tuned, read_run_info
 
 

@@ -58,8 +58,8 @@ def test_fim_prompt_layout(tuned):
     _, tok = tuned
     ids = fim_ids(tok, "def f():\n    ", "\n    return x\n")
     t = tok.convert_tokens_to_ids
-    assert ids[0] == t(registry.FIM_PREFIX) and ids[-1] == t(registry.FIM_MIDDLE)
-    assert ids.count(t(registry.FIM_SUFFIX)) == 1
+    assert ids[0] == t(registry.default_tokens().fim_prefix) and ids[-1] == t(registry.default_tokens().fim_middle)
+    assert ids.count(t(registry.default_tokens().fim_suffix)) == 1
     assert tok.decode(ids) == "<fim_prefix>def f():\n    <fim_suffix>\n    return x\n<fim_middle>"
     # a hand-built FIM prompt (as some editors send) reads the special strings as the special tokens
     assert prompt_ids(tok, "<fim_prefix>def f():\n    <fim_suffix>\n    return x\n<fim_middle>") == ids

@@ -48,12 +48,12 @@ def test_metadata_says_what_llama_cpp_needs(merged_model, tiny_gguf):
     assert kv["stablelm.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
     assert kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
-    ids = {s: tok.convert_tokens_to_ids(s) for s in registry.SPECIAL_TOKENS}
-    assert kv["tokenizer.ggml.fim_pre_token_id"] == ids[registry.FIM_PREFIX]
-    assert kv["tokenizer.ggml.fim_suf_token_id"] == ids[registry.FIM_SUFFIX]
-    assert kv["tokenizer.ggml.fim_mid_token_id"] == ids[registry.FIM_MIDDLE]
-    assert kv["tokenizer.ggml.fim_pad_token_id"] == ids[registry.FIM_PAD]
-    assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id == ids[registry.EOS_TOKEN] == 0
+    ids = {s: tok.convert_tokens_to_ids(s) for s in registry.default_tokens().all()}
+    assert kv["tokenizer.ggml.fim_pre_token_id"] == ids[registry.default_tokens().fim_prefix]
+    assert kv["tokenizer.ggml.fim_suf_token_id"] == ids[registry.default_tokens().fim_suffix]
+    assert kv["tokenizer.ggml.fim_mid_token_id"] == ids[registry.default_tokens().fim_middle]
+    assert kv["tokenizer.ggml.fim_pad_token_id"] == ids[registry.default_tokens().fim_pad]
+    assert kv["tokenizer.ggml.eos_token_id"] == tok.eos_token_id == ids[registry.default_tokens().eos] == 0
     assert kv["tokenizer.ggml.add_bos_token"] is False and kv["tokenizer.ggml.add_eos_token"] is False
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
     assert len(tokens) == len(types) == cfg["vocab_size"] > len(tok)  # padding rows are in the file
@@ -100,7 +100,7 @@ def test_modelfile_fills_the_middle_in_codetunes_order(merged_model, tiny_gguf):
                           "{{- else }}{{ .Prompt }}{{- end }}")
     for s in STOPS:
         assert f'PARAMETER stop "{s}"' in lines
-    assert set(STOPS) == set(registry.SPECIAL_TOKENS)
+    assert set(STOPS) == set(registry.default_tokens().all())
     # what Ollama sends for (prefix, suffix) is what `codetune generate --prefix --suffix` feeds the model
     tok = AutoTokenizer.from_pretrained(str(merged_model))
     prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"

@@ -23,8 +23,8 @@ F32 = 0  # GGML_TYPE_F32: the KV cache in f32, so the f32 file is compared witho
 # every special token, and an added token that is an ordinary word ('assistant' in GPT-NeoX-20B's file).
 CODE = ("def fib(n: int) -> int:\n    \"\"\"Fibonacci, naïvely — 1, 1, 2, 3…\"\"\"\n\tif n < 2:\n"
         "        return n\n                    # 20 spaces\n    return fib(n - 1) + fib(n - 2)  # 🦙 ✅\n"
-        f"{registry.FIM_PREFIX}x = 12345678{registry.FIM_SUFFIX}\n\n\n  y = x{registry.FIM_MIDDLE} z{registry.FIM_PAD}"
-        f"'''\"\"\" assistant {registry.EOS_TOKEN}<|padding|>  \n")
+        f"{registry.default_tokens().fim_prefix}x = 12345678{registry.default_tokens().fim_suffix}\n\n\n  y = x{registry.default_tokens().fim_middle} z{registry.default_tokens().fim_pad}"
+        f"'''\"\"\" assistant {registry.default_tokens().eos}<|padding|>  \n")
 PREFIX = "import os\n\ndef read_config(path):\n    "
 SUFFIX = "\n    return json.loads(text)\n"
 
@@ -80,9 +80,9 @@ def test_llama_cpp_tokenizes_as_the_hf_tokenizer(llama_cpp, hf, tiny_gguf):
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, add_special_tokens=False)
         assert llm.detokenize(tok.encode(CODE, add_special_tokens=False), special=True).decode() == CODE
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        assert llama_cpp.llama_vocab_fim_pre(vocab) == tok.convert_tokens_to_ids(registry.FIM_PREFIX)
-        assert llama_cpp.llama_vocab_fim_suf(vocab) == tok.convert_tokens_to_ids(registry.FIM_SUFFIX)
-        assert llama_cpp.llama_vocab_fim_mid(vocab) == tok.convert_tokens_to_ids(registry.FIM_MIDDLE)
+        assert llama_cpp.llama_vocab_fim_pre(vocab) == tok.convert_tokens_to_ids(registry.default_tokens().fim_prefix)
+        assert llama_cpp.llama_vocab_fim_suf(vocab) == tok.convert_tokens_to_ids(registry.default_tokens().fim_suffix)
+        assert llama_cpp.llama_vocab_fim_mid(vocab) == tok.convert_tokens_to_ids(registry.default_tokens().fim_middle)
         assert llm.token_eos() == tok.eos_token_id
     finally:
         llm.close()
@@ -173,7 +173,7 @@ def test_q4_k_m_is_quantized_by_llama_cpp(llama_cpp, hf, merged_model, tiny_gguf
     kv = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
     assert kv["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
     assert kv["stablelm.rope.freq_base"] == 1_000_000  # the quantizer keeps the metadata
-    assert kv["tokenizer.ggml.fim_mid_token_id"] == hf[1].convert_tokens_to_ids(registry.FIM_MIDDLE)
+    assert kv["tokenizer.ggml.fim_mid_token_id"] == hf[1].convert_tokens_to_ids(registry.default_tokens().fim_middle)
     assert (tmp_path / "q4.Modelfile").is_file() and sorted(p.name for p in tmp_path.iterdir()) == [
         "q4.Modelfile", "q4.gguf"]
     assert out.stat().st_size < tiny_gguf["q8_0"].stat().st_size

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codetune.config import AdapterConfig, ModelConfig
-from codetune.export.adapter import save_adapter
+from codetune.model.adapter_files import save_adapter
 from codetune.model.adapters import apply_adapters
 from codetune.model.load import load_model, padded_vocab
 from codetune.model.tokenizer import ensure_special_tokens

@@ -24,19 +24,21 @@ def _model(precision, train_layers="all"):
     return m
 
 
-def _train(m, graphs, schedule):
+def _train(m, graphs, schedule, options=None):
     """schedule: per optimizer step, the list of (ids, position_ids) micro-batches it accumulates."""
+    from codetune.model.engine_state import EngineState
     from codetune.model.layers import graph_bank, install_layer_runners, uninstall_layer_runners
-    from codetune.model.lora_fast import adapters_changed, install_fast_lora, uninstall_fast_lora
-    from codetune.train.loss import linear_cross_entropy
+    from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
+    from codetune.model.loss import linear_cross_entropy
 
     start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-    install_fast_lora(m)
-    install_layer_runners(m, checkpoint=True, offload=True, fast=True, cuda_graphs=graphs)
+    state = EngineState(options)
+    install_fast_lora(m, state)
+    install_layer_runners(m, checkpoint=True, offload=True, fast=True, cuda_graphs=graphs, state=state)
     bank = graph_bank(m)
     params = [p for p in m.parameters() if p.requires_grad]
+    # (not train/optim.py's: the engine's adapter cache must follow a fused AdamW's steps by itself)
     opt = torch.optim.AdamW(params, lr=1e-2, fused=True)
-    opt.register_step_post_hook(adapters_changed)
     lm = m.get_base_model()
     losses, grads = [], []
     for batches in schedule:
@@ -62,11 +64,11 @@ def _train(m, graphs, schedule):
 @pytest.mark.parametrize("precision,packed,train_layers,chunked",
                          [("nf4", False, "all", False), ("bf16", True, "all", False),
                           ("nf4", True, "last:1", False), ("nf4", False, "all", True)])
-def test_graphs_match_eager(precision, packed, train_layers, chunked, monkeypatch):
-    from codetune.model import fast_layer
+def test_graphs_match_eager(precision, packed, train_layers, chunked):
+    from codetune.model.engine_state import EngineOptions
 
-    if chunked:  # the long-context MLP path inside a graph
-        monkeypatch.setattr(fast_layer, "MLP_CHUNK_BYTES", 64 * 172 * 2)
+    # chunked: the long-context MLP path inside a graph
+    options = EngineOptions(mlp_chunk_bytes=64 * 172 * 2) if chunked else None
     m = _model(precision, train_layers)
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(2)
@@ -75,9 +77,9 @@ def test_graphs_match_eager(precision, packed, train_layers, chunked, monkeypatc
         ids = torch.randint(0, 512, (1, 256), generator=g).to(dev)
         pos = (torch.cat([torch.arange(100), torch.arange(156)]) if packed else torch.arange(256)).to(dev)[None]
         batches.append((ids, pos))
-    ref_losses, ref_grads, none = _train(m, "off", [batches] * 4)
+    ref_losses, ref_grads, none = _train(m, "off", [batches] * 4, options)
     assert none is None
-    losses, grads, bank = _train(m, "on", [batches] * 4)
+    losses, grads, bank = _train(m, "on", [batches] * 4, options)
     assert bank is not None and bank.failure is None, bank and bank.failure
     assert bank.captured > 0
     assert any(e["graph"] is not None for c in bank.calls.values() for e in c.entries.values())  # the loss too

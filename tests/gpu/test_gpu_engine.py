@@ -22,7 +22,7 @@ def _nf4_linear(out_f, in_f, seed=0):
 def test_triton_nf4_dequant_equals_bitsandbytes(shape):
     import bitsandbytes.functional as bnbf
 
-    from codetune.model.nf4 import Nf4Weight
+    from codetune.model.kernels.nf4 import Nf4Weight
 
     lin = _nf4_linear(*shape)
     ref = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).to(torch.bfloat16)
@@ -31,6 +31,12 @@ def test_triton_nf4_dequant_equals_bitsandbytes(shape):
     assert src.use_triton, f"Triton path fell back to bitsandbytes: {src.check}"
     exact = (out == ref).float().mean().item()
     assert exact > 0.999, f"only {exact:.4%} of values bit-identical"
+    # EngineOptions(nf4_dequant="bitsandbytes") (bench/train_bench.py --nf4-dequant): bitsandbytes' own path
+    from codetune.model.engine_state import EngineOptions, EngineState
+    from codetune.model.lora_fast import Projections
+
+    bnb_src = Projections([lin], EngineState(EngineOptions(nf4_dequant="bitsandbytes"))).sources[0]
+    assert not bnb_src.use_triton and torch.equal(bnb_src(torch.bfloat16), ref)
 
 
 def test_fast_lora_matches_peft_on_nf4():
@@ -76,7 +82,7 @@ def test_offloaded_checkpoint_matches_plain_on_cuda():
     from codetune.model.adapters import apply_adapters
     from codetune.model.layers import install_layer_runners, uninstall_layer_runners
     from codetune.model.load import load_model
-    from codetune.train.loss import linear_cross_entropy
+    from codetune.model.loss import linear_cross_entropy
 
     base, _ = load_model(ModelConfig(model="tiny-stablelm", random_init=True, precision="bf16"),
                          torch.device("cuda"), vocab_size=512)
@@ -128,7 +134,7 @@ def test_nf4_training_steps_on_cuda_reduce_loss(tmp_path):
     from pathlib import Path
 
     from codetune.cli import main
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     data = tmp_path / "data"
     _tiny_shards(data, Path(sysconfig.get_paths()["stdlib"]))
@@ -157,7 +163,7 @@ def test_gpu_only_options_train(tmp_path, extra):
     from pathlib import Path
 
     from codetune.cli import main
-    from codetune.train.metrics import read_metrics
+    from codetune.metrics import read_metrics
 
     data = tmp_path / "data"
     _tiny_shards(data, Path(sysconfig.get_paths()["stdlib"]))
@@ -171,12 +177,12 @@ def test_gpu_only_options_train(tmp_path, extra):
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
 
 
-def _tiny_lora(precision, dev):
+def _tiny_lora(precision, dev, model="tiny-stablelm"):
     from codetune.config import AdapterConfig, ModelConfig
     from codetune.model.adapters import apply_adapters
     from codetune.model.load import load_model
 
-    base, _ = load_model(ModelConfig(model="tiny-stablelm", random_init=True, precision=precision), dev,
+    base, _ = load_model(ModelConfig(model=model, random_init=True, precision=precision), dev,
                          vocab_size=512)
     m = apply_adapters(base, AdapterConfig()).train()
     torch.manual_seed(1)
@@ -186,27 +192,31 @@ def _tiny_lora(precision, dev):
     return m
 
 
-@pytest.mark.parametrize("precision,chunked", [("nf4", False), ("bf16", False), ("nf4", True)])
-def test_fast_layer_on_cuda(precision, chunked, monkeypatch):
-    """The fused decoder layer (model/fast_layer.py) on NF4/bf16 weights, packed documents, cuDNN/flash
-    attention, offloaded checkpoints. bf16: no less accurate than transformers' layer against the fp32
+@pytest.mark.parametrize("model,precision,chunked", [
+    ("tiny-stablelm", "nf4", False), ("tiny-stablelm", "bf16", False), ("tiny-stablelm", "nf4", True),
+    ("tiny-qwen2", "nf4", False), ("tiny-qwen2", "bf16", False)])
+def test_fast_layer_on_cuda(model, precision, chunked):
+    """The fused decoder layer (model/fast_layer.py) of both families (tiny-qwen2: q/k/v bias, RMSNorm, full
+    rotary through the Triton kernel, grouped-query attention) on NF4/bf16 weights, packed documents,
+    cuDNN/flash attention, offloaded checkpoints. bf16: no less accurate than transformers' layer against the fp32
     result of the same weights. NF4: close to transformers' layer (a wrong rotary, mask or gradient
     would be off by O(1), rounding by ~1e-2 on this tiny high-variance model)."""
-    from codetune.model import fast_layer
+    from codetune.model.engine_state import EngineOptions, EngineState
     from codetune.model.layers import decoder_layers, install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
 
-    if chunked:  # the long-context MLP path: 64 positions per chunk
-        monkeypatch.setattr(fast_layer, "MLP_CHUNK_BYTES", 64 * 172 * 2)
+    # chunked: the long-context MLP path, 64 positions per chunk
+    options = EngineOptions(mlp_chunk_bytes=64 * 172 * 2) if chunked else EngineOptions()
     dev = torch.device("cuda")
-    m = _tiny_lora("fp32" if precision == "bf16" else precision, dev)
+    m = _tiny_lora("fp32" if precision == "bf16" else precision, dev, model)
     ids = torch.randint(0, 512, (1, 256), device=dev)
     pos = torch.cat([torch.arange(100), torch.arange(156)]).to(dev)[None]
     gout = torch.randn(1, 256, 64, device=dev)
 
     def run(fast):
-        install_fast_lora(m) if fast else None
-        install_layer_runners(m, checkpoint=True, offload=True, fast=fast)
+        state = EngineState(options)
+        install_fast_lora(m, state) if fast else None
+        install_layer_runners(m, checkpoint=True, offload=True, fast=fast, state=state)
         assert all((layer.forward.fast is not None) == fast for layer in decoder_layers(m))
         h = m.get_base_model().model(input_ids=ids, position_ids=pos).last_hidden_state
         (h.float() * gout).sum().backward()
@@ -234,7 +244,7 @@ def test_fast_layer_on_cuda(precision, chunked, monkeypatch):
 
 
 def test_triton_swiglu_backward_matches_autograd():
-    from codetune.model.swiglu import swiglu_backward, swiglu_forward
+    from codetune.model.kernels.swiglu import swiglu_backward, swiglu_forward
 
     torch.manual_seed(0)
     y = (torch.randn(300, 2 * 1500, device="cuda") * 3).bfloat16().requires_grad_(True)
@@ -252,29 +262,33 @@ def test_triton_swiglu_backward_matches_autograd():
     assert torch.equal(over.float(), ours)
 
 
-@pytest.mark.parametrize("kv_heads,inverse", [(32, False), (32, True), (8, False)])
-def test_triton_rotary_equals_pytorch_ops(kv_heads, inverse):
-    """model/rotary_kernel.py against lora_fast.Rotary's PyTorch path (run on the CPU): bit-identical."""
-    from codetune.model.lora_fast import Rotary
+# stable-code-3b's heads (32 of 80 dims, 20 rotated; MHA and GQA), Qwen2.5-Coder-1.5B's (12 over 2, all 128 rotated)
+@pytest.mark.parametrize("heads,kv_heads,hd,rot_dims,inverse", [(32, 32, 80, 20, False), (32, 32, 80, 20, True),
+                                                                 (32, 8, 80, 20, False), (12, 2, 128, 128, False),
+                                                                 (12, 2, 128, 128, True)])
+def test_triton_rotary_equals_pytorch_ops(heads, kv_heads, hd, rot_dims, inverse):
+    """model/kernels/rotary_triton.py against rotary.Rotary's PyTorch path (run on the CPU): bit-identical."""
+    from codetune.model.kernels.rotary import Rotary
 
     torch.manual_seed(0)
-    b, s, hd = 2, 300, 80
-    rot = Rotary(32, kv_heads, hd, 20)
-    y = torch.randn(b * s, (32 + 2 * kv_heads) * hd).bfloat16()
-    cos, sin = torch.randn(b, s, 20).bfloat16(), torch.randn(b, s, 20).bfloat16()
-    from codetune.model.rotary_kernel import STATUS, rotary_triton
+    b, s = 2, 300
+    rot = Rotary(heads, kv_heads, hd, rot_dims)
+    y = torch.randn(b * s, (heads + 2 * kv_heads) * hd).bfloat16()
+    cos, sin = torch.randn(b, s, rot_dims).bfloat16(), torch.randn(b, s, rot_dims).bfloat16()
+    from codetune.model.kernels.rotary_triton import rotary_triton
 
     ref = y.clone()
     rot.apply_(ref, cos, sin, b, inverse=inverse)  # CPU: PyTorch ops
     got = y.cuda()
-    assert rotary_triton(got, cos.cuda(), sin.cuda(), b, 32 + kv_heads, hd, 10, inverse), STATUS
+    assert rotary_triton(got, cos.cuda(), sin.cuda(), b, heads + kv_heads, hd, rot_dims // 2, inverse)
     torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=0)
     assert not torch.equal(ref, y)
     got2 = y.cuda()
+    assert rot.check.ok is None  # (this Rotary's installation has not checked the kernel yet)
     rot.apply_(got2, cos.cuda(), sin.cuda(), b, inverse=inverse)  # the first-use self-check passes too
-    assert STATUS["ok"] is True and torch.equal(got2.cpu(), ref), STATUS
+    assert rot.check.ok is True and torch.equal(got2.cpu(), ref), rot.check
     # separate q and k tensors (the backward's dq, dk): the same rotation, kernel and PyTorch ops alike
-    q_end, k_end = 32 * hd, (32 + kv_heads) * hd
+    q_end, k_end = heads * hd, (heads + kv_heads) * hd
     for dev in ("cuda", "cpu"):
         q, k = y[:, :q_end].clone().to(dev), y[:, q_end:k_end].clone().to(dev)
         rot.apply_qk_(q, k, cos.to(dev), sin.to(dev), b, inverse=inverse)

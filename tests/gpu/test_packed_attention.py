@@ -64,8 +64,8 @@ def _packed(docs):
 def test_fused_layer_on_packed_batch_equals_documents_alone(graphs):
     from codetune.model.layers import graph_bank, install_layer_runners, uninstall_layer_runners
     from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
+    from codetune.model.loss import linear_cross_entropy
     from codetune.train.inputs import CausalLMLoss, batch_inputs
-    from codetune.train.loss import linear_cross_entropy
 
     m = _tiny()
     lm = m.get_base_model()

@@ -18,8 +18,8 @@ from codetune.model.attention import (
 )
 from codetune.model.layers import install_layer_runners, uninstall_layer_runners
 from codetune.model.lora_fast import install_fast_lora, uninstall_fast_lora
+from codetune.model.loss import linear_cross_entropy
 from codetune.train.inputs import CausalLMLoss, batch_inputs
-from codetune.train.loss import linear_cross_entropy
 
 
 def test_spans_mark_position_restarts_and_row_starts():

@@ -63,3 +63,17 @@ def test_the_planner_asks_the_same_rule(case):
         assert b.parts["layer_recompute"] == fused_term
     elif cfgs["adapter"].method == "lora":
         assert b.parts["layer_recompute"] != fused_term
+
+
+def test_build_model_gives_both_installers_one_state_with_its_options():
+    """bench/train_bench.py's A/B flags reach the engine through build_model's options (once a module
+    constant it reassigned): the fused linears and layers of one model share one EngineState."""
+    from codetune.model.engine_state import EngineOptions
+
+    options = EngineOptions(mlp_chunk_bytes=4096, nf4_dequant="bitsandbytes")
+    model, _ = build_model(_cfgs("tiny-stablelm"), torch.device("cpu"), 512, options)
+    states = {id(m.__dict__["forward"].proj.state) for m in model.modules()
+              if isinstance(m.__dict__.get("forward"), FastLoRAForward)}
+    states |= {id(layer.__dict__["forward"].fast.state) for layer in decoder_layers(model)}
+    assert len(states) == 1
+    assert decoder_layers(model)[0].__dict__["forward"].fast.state.options is options

@@ -71,20 +71,10 @@ def test_fast_lora_steps_aside_for_dropout_and_disabled_adapters():
         torch.testing.assert_close(m(x), base)
 
 
-def test_nf4_weight_source_on_cpu_uses_bitsandbytes():
-    import bitsandbytes.functional as bnbf
-
-    from codetune.model.nf4 import Nf4Weight
-
-    lin = _nf4(40, 64)
-    src = Nf4Weight(lin.weight)
-    assert not src.use_triton  # no CUDA: bitsandbytes' path
-    torch.testing.assert_close(src(torch.float32), bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state))
-
-
 def test_projections_hold_the_built_weight_only_inside_holding():
     """The MLP's chunks build the (dequantized, concatenated) weight once per pass, not once per chunk."""
-    from codetune.model.lora_fast import Projections, holding
+    from codetune.model.kernels.fused_lora import holding
+    from codetune.model.lora_fast import Projections
 
     p = Projections([torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)])
     a, b = p.weight(torch.float32, torch.device("cpu")), p.weight(torch.float32, torch.device("cpu"))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def test_tiny_is_same_architecture():
 
 def test_special_tokens_single_ids_in_trained_bpe(stdlib):
     tok = corpus_tokenizer(sorted((stdlib / "json").glob("*.py")), vocab_size=600)
-    for t in registry.SPECIAL_TOKENS:
+    for t in registry.default_tokens().all():
         assert len(tok.encode(t, add_special_tokens=False)) == 1
     assert tok.eos_token_id == 0  # as in stable-code-3b (bos = eos = 0)
 
@@ -33,9 +35,29 @@ def test_special_tokens_single_ids_in_gpt_neox(shared_tokenizer_path):
     from transformers import PreTrainedTokenizerFast
 
     tok = ensure_special_tokens(PreTrainedTokenizerFast(tokenizer_file=str(shared_tokenizer_path)))
-    ids = [tok.encode(t, add_special_tokens=False) for t in registry.SPECIAL_TOKENS]
+    ids = [tok.encode(t, add_special_tokens=False) for t in registry.default_tokens().all()]
     assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == len(ids)
     assert tok.encode("<fim_prefix>def f():<fim_suffix>", add_special_tokens=False)[0] == ids[1][0]
+
+
+def test_special_tokens_are_the_model_familys(tmp_path, stdlib):
+    """Asked per model: a registry entry by its family, a local directory by its config.json's model_type, a
+    name codetune cannot place gets stable-code's (as before families); a saved tokenizer by what it holds."""
+    from transformers import PreTrainedTokenizerFast
+
+    stable, qwen = registry.lookup("stable-code-3b").tokens, registry.lookup("tiny-qwen2").tokens
+    assert stable.fim_prefix == "<fim_prefix>" and qwen.fim_prefix == "<|fim_prefix|>"
+    assert registry.special_tokens("qwen2.5-coder-1.5b") == qwen and registry.special_tokens("tiny-stablelm") == stable
+    registry.lookup("tiny-qwen2").hf_config().save_pretrained(tmp_path)
+    assert registry.special_tokens(str(tmp_path)) == qwen
+    assert registry.special_tokens("nobody/not-a-cached-model") == stable
+    tok = corpus_tokenizer(sorted((stdlib / "json").glob("*.py")), vocab_size=600, tokens=qwen)
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in qwen.all())
+    assert "<fim_prefix>" not in tok.get_vocab() and registry.tokens_in(tok) == qwen
+    n = len(tok)
+    assert len(ensure_special_tokens(tok)) == n  # (a saved Qwen tokenizer gains no stable-code tokens)
+    neox = PreTrainedTokenizerFast(tokenizer_file=str(Path(__file__).parents[1] / "fixtures" / "gpt-neox-20b.json"))
+    assert registry.tokens_in(neox) == stable  # no FIM tokens of either family: the default
 
 
 @pytest.mark.parametrize("what", ["file", "folder"])

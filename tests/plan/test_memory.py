@@ -24,13 +24,13 @@ def cfgs(model="stable-code-3b", seq=4096, **kw):
 
 
 def meta_model(name):
-    from transformers import StableLmForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return StableLmForCausalLM(registry.lookup(name).hf_config())
+        return AutoModelForCausalLM.from_config(registry.lookup(name).hf_config())
 
 
-@pytest.mark.parametrize("name", ["tiny-stablelm", "stable-code-3b"])
+@pytest.mark.parametrize("name", ["tiny-stablelm", "stable-code-3b", "tiny-qwen2", "qwen2.5-coder-1.5b"])
 def test_total_params_match_the_model(name):
     model = meta_model(name)
     assert model_shape(name).total_params() == sum(p.numel() for p in model.parameters())
@@ -43,6 +43,9 @@ def test_total_params_match_the_model(name):
     ("tiny-stablelm", dict(method="full", train_layers="last:1")),
     ("tiny-stablelm", dict(method="full", train_embeddings=True)),
     ("stable-code-3b", dict(targets="all-linear", rank=16, train_layers="last:8")),
+    ("tiny-qwen2", dict(targets="all-linear", rank=8)),  # (grouped-query k/v sizes)
+    ("tiny-qwen2", dict(method="full", train_layers="last:1")),  # (q/k/v biases and RMSNorm weights train)
+    ("tiny-qwen2", dict(method="full", train_embeddings=True)),  # (one tied table)
 ])
 def test_trainable_params_match_peft(name, adapter):
     from codetune.model.adapters import apply_adapters, count_parameters
@@ -119,6 +122,14 @@ def test_local_directory_and_uncached_hub_id(tmp_path):
         (known.hidden, known.intermediate, known.layers, known.heads, known.vocab)
     with pytest.raises(ConfigError, match="offline"):
         model_shape("nobody/not-a-cached-model")
+
+
+def test_local_qwen2_directory_reads_its_family(tmp_path):
+    """config.json's model_type picks the family's facts: q/k/v bias, tied table, RMSNorm (one tensor)."""
+    registry.lookup("tiny-qwen2").hf_config().save_pretrained(tmp_path)
+    local = model_shape(str(tmp_path))
+    assert (local.qkv_bias, local.tied, local.norm_tensors) == (True, True, 1)
+    assert local.total_params() == model_shape("tiny-qwen2").total_params()
 
 
 def test_full_method_rejects_quantized_weights():

@@ -6,8 +6,8 @@ import torch
 
 from codetune.cli import main
 from codetune.config import ConfigError, build
+from codetune.metrics import read_metrics
 from codetune.train.memory import explain_oom
-from codetune.train.metrics import read_metrics
 from codetune.train.optim import build_optimizer, lr_factor, param_groups
 
 BASE = ["--random-init", "--seq-len", "128", "--batch-size", "2", "--no-progress", "--no-tensorboard",

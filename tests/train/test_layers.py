@@ -6,7 +6,7 @@ from codetune.config import AdapterConfig, ModelConfig
 from codetune.model.adapters import apply_adapters
 from codetune.model.layers import install_layer_runners, uninstall_layer_runners
 from codetune.model.load import load_model
-from codetune.train.loss import linear_cross_entropy
+from codetune.model.loss import linear_cross_entropy
 
 
 def _model(train_layers="all", dropout=0.0):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codetune.cli import main
-from codetune.train.metrics import read_metrics
+from codetune.metrics import read_metrics
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (nvidia-h200-x2)")]

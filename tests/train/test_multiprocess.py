@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 
 from codetune.cli import main
 from codetune.data.shards import PackedDataset
+from codetune.metrics import read_metrics
 from codetune.train.batches import BatchStream, eval_batches
 from codetune.train.launch import launched
-from codetune.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--random-init", "--seq-len", "128", "--steps", "6", "--no-progress", "--no-tensorboard", "--eval-every", "3",

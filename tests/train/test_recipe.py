@@ -11,7 +11,7 @@ import time
 import pytest
 
 from codetune.cli import main
-from codetune.train.metrics import read_metrics
+from codetune.metrics import read_metrics
 
 ARGS = ["--random-init", "--seq-len", "128", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "5",
         "--no-progress", "--no-tensorboard", "--deterministic"]

@@ -15,9 +15,9 @@ import yaml
 
 from codetune.cli import main
 from codetune.config import build, to_dict
+from codetune.metrics import read_metrics
 from codetune.train import recipe
 from codetune.train.interrupt import StopRequest
-from codetune.train.metrics import read_metrics
 from codetune.train.optim import lr_factor
 from codetune.train.state import DATA_KEY, PROCESSES_KEY
 
@@ -232,7 +232,7 @@ def test_ctrl_c_checkpoints_and_prints_the_resume_command(tiny_data, tmp_path, i
 
 
 def test_metrics_log_keeps_rows_up_to_the_resume_step_once(tmp_path):
-    from codetune.train.metrics import MetricsLog
+    from codetune.metrics import MetricsLog
 
     log = MetricsLog(tmp_path, tensorboard=True)
     for s in range(1, 7):

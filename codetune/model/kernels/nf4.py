@@ -11,13 +11,12 @@ bytes (high nibble first); its scale is absmax[i // blocksize]; with double quan
 absmax[j] = code2[absmax_u8[j]] * absmax2[j // blocksize2] + offset.
 
 A GPU without Triton, or a layout this kernel doesn't cover, falls back to bitsandbytes; the first
-use of each weight is checked against bitsandbytes (`Nf4Weight.verify`). CODETUNE_NF4_DEQUANT=bitsandbytes
-forces bitsandbytes' path (for A/B timing in one device call: docs/performance.md).
+use of each weight is checked against bitsandbytes (`Nf4Weight.verify`). `kernel=False` forces bitsandbytes'
+path: engine_state.EngineOptions.nf4_dequant = "bitsandbytes" (bench/train_bench.py --nf4-dequant, for an
+A/B in one device call: docs/performance.md).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -51,14 +50,14 @@ if triton is not None:
 
 
 class Nf4Weight:
-    """Dequantizer for one bitsandbytes Params4bit; `__call__(dtype)` returns the dense (out, in) weight."""
+    """Dequantizer for one bitsandbytes Params4bit; `__call__(dtype)` returns the dense (out, in) weight.
+    kernel=False: always bitsandbytes' own dequantization."""
 
-    def __init__(self, param):
+    def __init__(self, param, kernel: bool = True):
         self.param = param
         qs = param.quant_state
         self.shape, self.qs = tuple(qs.shape), qs
-        self.use_triton = (triton is not None and param.data.is_cuda and qs.quant_type == "nf4"
-                           and os.environ.get("CODETUNE_NF4_DEQUANT", "triton") != "bitsandbytes"
+        self.use_triton = (kernel and triton is not None and param.data.is_cuda and qs.quant_type == "nf4"
                            and qs.blocksize % 2 == 0 and (not qs.nested or qs.state2.blocksize > 0))
         self.offset = float(qs.offset) if qs.nested else 0.0  # read once: a .item() per call would sync
         self.verified = False

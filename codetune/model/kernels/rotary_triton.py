@@ -5,7 +5,8 @@ an add, two copies) over 20 of each head's 80 dims, three times per layer and st
 backward) — 768 launches and ~20 ms of a 4k step on an H100, for a few MB of data.
 
 bf16 only. Rounding is PyTorch's, op for op (each product rounded to bf16 before the sum), so the
-kernel and lora_fast.Rotary's PyTorch path give identical results (tests/gpu checks it).
+kernel and rotary.Rotary's PyTorch path give identical results (tests/gpu checks it; so does Rotary, at
+its first use in each installation, before trusting it). Stateless: whether to use it is the caller's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: lora_fast.Rotary's PyTorch path
+except ImportError:  # CPU-only installs: rotary.Rotary's PyTorch path
     triton = None
 
 if triton is not None:
@@ -57,15 +58,12 @@ if triton is not None:
         tl.store(ptr + HALF, _bf16(n2).to(tl.bfloat16), mask=m)
 
 
-# None: not yet checked; True/False after the first use compared the kernel with the PyTorch ops
-STATUS = {"ok": None, "check": "not run"}
-
-
 def rotary_triton(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: int, n_heads: int,
                   head_dim: int, half: int, inverse: bool) -> bool:
     """Rotate the first 2*half dims of the first n_heads heads of every row of y (batch*seq, cols) in
-    place. Returns False (nothing done) where the kernel doesn't apply, so the caller runs PyTorch ops."""
-    if triton is None or STATUS["ok"] is False or y.stride(1) != 1 or cos.stride(-1) != 1:
+    place. Returns False (nothing done) where the kernel doesn't apply, so the caller runs PyTorch ops;
+    a Triton/driver error propagates (rotary.Rotary then turns the kernel off for its installation)."""
+    if triton is None or y.stride(1) != 1 or cos.stride(-1) != 1:
         return False
     if sin.stride() != cos.stride():
         return False
@@ -73,11 +71,7 @@ def rotary_triton(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: 
         return False  # (fp16 compute, pre-Ampere GPUs: the PyTorch ops)
     seq = y.shape[0] // batch
     cs_b = 0 if cos.shape[0] == 1 else cos.stride(0)
-    try:
-        _rotary_kernel[(y.shape[0],)](y, cos, sin, y.stride(0), seq, cs_b, cos.stride(1), n_heads, HD=head_dim,
-                                      HALF=half, BH=triton.next_power_of_2(n_heads),
-                                      BD=triton.next_power_of_2(half), INVERSE=inverse)
-    except Exception as e:  # a Triton/driver problem must not stop training: PyTorch ops from now on
-        STATUS.update(ok=False, check=f"{type(e).__name__}: {e}")
-        return False
+    _rotary_kernel[(y.shape[0],)](y, cos, sin, y.stride(0), seq, cs_b, cos.stride(1), n_heads, HD=head_dim,
+                                  HALF=half, BH=triton.next_power_of_2(n_heads),
+                                  BD=triton.next_power_of_2(half), INVERSE=inverse)
     return True

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from codetune.train.loss import IGNORE, linear_cross_entropy, reference_cross_entropy
+from codetune.model.loss import IGNORE, linear_cross_entropy, reference_cross_entropy
 
 
 @pytest.mark.parametrize("n,chunk_forced", [(37, False), (3000, True)])
 def test_fused_cross_entropy_matches_reference(n, chunk_forced, monkeypatch):
     if chunk_forced:  # make several chunks, including a ragged last one
-        monkeypatch.setattr("codetune.train.loss.LOGIT_CHUNK_BYTES", 4 * 700 * 128)
+        monkeypatch.setattr("codetune.model.loss.LOGIT_CHUNK_BYTES", 4 * 700 * 128)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, 32, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(700, 32, generator=g, dtype=torch.float64, requires_grad=True)
