@@ -125,6 +125,23 @@ def run_hf(model, ids, new, vocab_limit, static: bool, device):
     return seq[0, len(ids):].tolist(), time.perf_counter() - t0, None
 
 
+def tie_margin(model, ids: list[int], reference: list[int], out_ids: list[int], at: int, device) -> dict:
+    """Was a greedy mismatch a near-tie? Random weights give near-uniform logits, so two exact-to-rounding
+    paths (different attention kernels, cache layouts) can pick different ids where the top two logits are
+    within bf16 rounding of each other. One uncached forward over the prompt and the eager loop's first
+    `at` ids gives the logits both paths chose from: the gap between the eager id's logit and the other
+    path's id's, beside the top logit (bf16 has 8 significant bits: a gap under ~1% of it is a tie)."""
+    if at >= min(len(reference), len(out_ids)):
+        return {}
+    x = torch.tensor([ids + reference[:at]], device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=x, logits_to_keep=1).logits[0, -1].float()
+    gap = float(logits[reference[at]] - logits[out_ids[at]])
+    top = float(logits.max())
+    return {"mismatch_logit_gap": round(gap, 5), "top_logit": round(top, 4),
+            "near_tie": abs(gap) <= 0.01 * max(1.0, abs(top))}
+
+
 def measure(a, precision: str, device: torch.device) -> None:
     from codetune.config import ModelConfig
     from codetune.export.generate import load_for_inference
@@ -178,6 +195,8 @@ def measure(a, precision: str, device: torch.device) -> None:
                       "latencies_s": [round(r[1], 4) for r in runs],
                       "greedy_equals_eager": None if reference is None else mismatch is None,
                       "first_mismatch": mismatch, "new_ids_made": len(out_ids)}
+            if mismatch is not None:
+                record.update(tie_margin(model, ids, reference, out_ids, mismatch, device))
             if decoder is not None:
                 record["decode"] = decoder.describe()
                 record["decode_stats"] = vars(decoder.stats).copy()

@@ -126,6 +126,41 @@ def real_table(results: list[dict]) -> list[str]:
     return out + [""]
 
 
+def checks_table(results: list[dict], dirs: list[Path]) -> list[str]:
+    """bench/suites/checks.txt's correctness lines: the packed-attention kernels (bench/attn_kernels.py),
+    the 200-step loss parity (bench/loss_parity.py) and the GPU tests' last line."""
+    out = []
+    attn = [r for r in results if r.get("check") == "packed-attention-kernels"]
+    if attn:
+        out += ["## Attention over packed documents (bench/attn_kernels.py)", "",
+                "Forward + backward of one packed row at stable-code-3b's attention shape (32 heads x 80), bf16, "
+                "against per-document attention in fp32. *Leaks*: does the last document's output change when "
+                "every other document's keys and values do (it must stay bit-identical).", "",
+                "| length | documents | kernel | fwd+bwd ms | max rel. error vs fp32 | leaks | exact | fastest exact |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in attn:
+            for name, k in r["kernels"].items():
+                if "error" in k:
+                    out.append(f"| {r['seq'] // 1024}k | {r['documents']} | {name} | failed: {k['error'][:80]} | | | | |")
+                    continue
+                out.append(f"| {r['seq'] // 1024}k | {r['documents']} | {name} | {k['fwd_bwd_ms']:.2f} | "
+                           f"{k['max_rel_err_vs_fp32']:.4f} | {'yes' if k['leaks_across_documents'] else 'no'} | "
+                           f"{'yes' if k['exact'] else 'no'} | {'**yes**' if r['fastest_exact'] == name else ''} |")
+        out.append("")
+    for r in results:
+        if r.get("check") == "loss-parity":
+            out += ["## Loss parity (bench/loss_parity.py)", "",
+                    f"{r['steps']} steps at {r['seq']} tokens against the HF + PEFT + bitsandbytes recipe's curve "
+                    f"({r.get('hf_from') or 'same call'}): max relative difference {r['max_rel_diff']:.2%}, "
+                    f"mean {r['mean_rel_diff']:.2%} (bound 1%).", ""]
+    tests = [(d, f) for d in dirs for f in sorted(d.glob("gpu_tests*.txt"))]
+    if tests:
+        out += ["## GPU tests (tests/gpu)", ""]
+        out += [f"- {f.name}: {(f.read_text().strip().splitlines() or ['(empty)'])[-1].strip('= ')}" for _, f in tests]
+        out.append("")
+    return out
+
+
 def replan(results: list[dict]) -> str:
     """The current planner's predictions for the real runs; returns the commit they come from."""
     import subprocess
@@ -163,7 +198,8 @@ def main() -> None:
     if planned_at:
         lines += [f"Planned GiB: `codetune plan` at commit {planned_at} (tests/plan/test_real_runs.py holds it to "
                   "these runs), not the prediction made at measurement time.", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines + real_table(results) + table(results)) + "\n")
+    body = real_table(results) + table(results) + checks_table(results, dirs)
+    stem.with_suffix(".md").write_text("\n".join(lines + body) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codetune.model.static_cache import cache_kwarg, capture_step, static_unsupported
+from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported
 
 log = logging.getLogger("codetune.eval")
 
@@ -106,7 +106,7 @@ class BatchDecoder:
             return slot.logits
         if self.graphs and not slot.tried:
             slot.tried = True
-            got = capture_step(lambda: self._forward(slot, slot.token, slot.pos), lambda: slot.cache.crop(-1),
+            got = capture_step(lambda: self._forward(slot, slot.token, slot.pos), lambda: rewind(slot.cache),
                                self.device)
             if got.graph is None:
                 self.graphs, self.stats.fallback = False, got.why

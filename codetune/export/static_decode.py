@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import cache_kwarg, capture_step, static_unsupported
+from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported
 
 log = logging.getLogger("codetune.decode")
 
@@ -143,7 +143,7 @@ class Decoder:
         """Capture the slot's one-token step at the current position, check its first replay against the
         eager step, and return the step's logits (from whichever ran). The cache ends one token on."""
         slot.tried = True
-        got = capture_step(lambda: self._forward(slot, slot.token), lambda: slot.cache.crop(-1), slot.token.device)
+        got = capture_step(lambda: self._forward(slot, slot.token), lambda: rewind(slot.cache), slot.token.device)
         if got.graph is None:
             self._graph_off(got.why)
             return got.logits

@@ -1,7 +1,7 @@
 """What static-KV-cache decoding needs from the model, for both stages that decode through one
 (export/static_decode.py: one stream, for generate and serve; eval/batch_decode.py: eval's batches):
-whether the model takes a static cache, the name its forward gives the cache, and the capture of a
-one-token step as a CUDA graph, checked exact against the eager step (exact-or-fallback)."""
+whether the model takes a static cache, the name its forward gives the cache, rewinding the cache, and
+the capture of a one-token step as a CUDA graph, checked exact against the eager step (exact-or-fallback)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,27 @@ def cache_kwarg(model) -> str:
 
     base = causal_lm(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def rewind(cache, tokens: int = 1) -> None:
+    """Move a transformers StaticCache back `tokens` positions (the keys and values stay; the next write
+    overwrites them). Its `crop` does that from transformers 5.2x on; before, StaticCache.crop exists but
+    its layers lack one (AttributeError on 5.17), so the layers' device-side position counter is moved
+    directly, as the newer crop does."""
+    for layer in cache.layers:
+        if hasattr(layer, "crop"):
+            layer.crop(-tokens)
+        elif isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.sub_(tokens)
+        else:
+            raise TypeError(f"cannot rewind a {type(layer).__name__} cache layer (transformers {_tf_version()}): "
+                            "no crop() and no cumulative_length; use --decode eager")
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORDS = ["bench/results/train_h200_2026-12-01_s6-headline.json", "bench/results/train_h200_2026-12-01_s6-planner.json"]
+RECORDS = ["bench/results/train_h200_2026-12-01_s6-headline.json", "bench/results/train_h200_2026-12-01_s6-planner.json",
+           "bench/results/train_h200_2026-12-01_s7-checks.json"]
 TOLERANCE = 0.05
 
 
