@@ -78,12 +78,14 @@ class FakeCudaGraphs:
                 self.out.copy_(forward(self.slot, *self.inputs) + (1e-3 if fake.mode == "differ" else 0))
 
         @contextlib.contextmanager
-        def graph(g, capture_error_mode="global"):
+        def graph(g, stream=None, capture_error_mode="global"):
             if fake.mode == "fail":
                 raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
             yield
             g.slot, g.inputs, g.out = fake.last
-            g.slot.cache.crop(-1)
+            from codetune.model.static_cache import rewind
+
+            rewind(g.slot.cache)
 
         stream = type("Stream", (), {"wait_stream": lambda self, other: None})
         monkeypatch.setattr(decoder, "_forward", recording_forward)

@@ -66,11 +66,12 @@ class CapturedStep:
     why: str | None = None
 
 
-def capture_step(forward, rewind, device: torch.device) -> CapturedStep:
+def capture_step(forward, rewind, device: torch.device, same_stream: bool = True) -> CapturedStep:
     """Capture `forward()` (a one-token step through a static cache, reading fixed input buffers) as a
     CUDA graph and check its first replay against the eager step from the same cache state. `rewind()`
     moves the cache back one token. Whatever happens, the cache ends one token on and the step's logits
-    come back; the single-stream Decoder and eval's batched decoder both capture through here."""
+    come back; the single-stream Decoder and eval's batched decoder both capture through here.
+    same_stream=False captures on torch's own capture stream (bench/graph_exactness.py's comparison)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # the warm-up capture wants, and the step the replay is checked against
@@ -79,7 +80,9 @@ def capture_step(forward, rewind, device: torch.device) -> CapturedStep:
     rewind()  # back to the position the graph will write
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # (captured on the stream the reference ran on: library handles and workspaces are per stream, and
+        # a graph captured on another stream can pick other kernels, so the replay would differ by rounding)
+        with torch.cuda.graph(graph, stream=side if same_stream else None, capture_error_mode="thread_local"):
             out = forward()
     except Exception as e:  # noqa: BLE001 - whatever stops a capture, the eager step still runs
         torch.cuda.synchronize(device)
