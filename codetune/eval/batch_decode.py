@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported
+from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported, step_attention
 
 log = logging.getLogger("codetune.eval")
 
@@ -94,8 +94,9 @@ class BatchDecoder:
         return slot
 
     def _forward(self, slot: _Slot, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=slot.mask, position_ids=position_ids,
-                         use_cache=True, logits_to_keep=1, **{self._kw: slot.cache})
+        with step_attention():
+            out = self.model(input_ids=input_ids, attention_mask=slot.mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1, **{self._kw: slot.cache})
         return out.logits
 
     def _step(self, slot: _Slot) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported
+from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported, step_attention
 
 log = logging.getLogger("codetune.decode")
 
@@ -132,7 +132,8 @@ class Decoder:
         return slot
 
     def _forward(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): slot.cache})
+        with step_attention():
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): slot.cache})
         return out.logits
 
     def _graph_off(self, why: str) -> None:

@@ -57,6 +57,16 @@ def _tf_version() -> str:
     return transformers.__version__
 
 
+def step_attention():
+    """The SDPA backends a static-cache step runs with: all but cuDNN's. On an H200 (torch 2.11) cuDNN
+    attention gave the same bf16 inputs a result one ulp apart on another stream, so a captured step never
+    matched its eager reference and bf16 decoding lost its graphs; flash, memory-efficient and math
+    attention are stream-independent (bench/graph_exactness.py, bench/results/decode_h200_2026-12-01_s7.md)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @dataclass
 class CapturedStep:
     """What capture_step gives: the graph (None where it could not run exactly), the step's logits from
