@@ -25,6 +25,7 @@ import time
 import uuid
 
 from codetune.export.static_decode import DECODE_FLAG
+from codetune.serve.batching import BATCH_CONTEXT_HELP, MAX_BATCH_HELP
 from codetune.serve.limits import RETRY_AFTER_S, Limits, limit_cli_flags, limits_from_args
 from codetune.serve.schemas import ApiError
 
@@ -41,6 +42,8 @@ CLI_FLAGS = [
     *limit_cli_flags(),
     (("--device",), dict(default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")),
     DECODE_FLAG,
+    (("--max-batch",), dict(type=int, default=1, metavar="N", help=f"{MAX_BATCH_HELP} (default: 1)")),
+    (("--batch-context",), dict(type=int, default=None, metavar="POSITIONS", help=BATCH_CONTEXT_HELP)),
 ]
 
 
@@ -57,7 +60,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from codetune.export.sampling import Completion, max_context
+    from codetune.export.sampling import Completion
     from codetune.serve.engine import Busy
     from codetune.serve.guard import RequestGuard, log, peer
     from codetune.serve.jobs import chat_job, chat_support, completion_job, infill_job
@@ -73,7 +76,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
     )
 
     limits = limits or Limits()
-    context = max_context(engine.model)
+    context = engine.context
     chat = chat_support(engine.tokenizer, run_info or {})
     created = int(time.time())
     app = FastAPI(title="codetune", docs_url=None, redoc_url=None)
@@ -282,13 +285,41 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def engine_decoding(model, ns: argparse.Namespace) -> dict:
+    """The Engine's decoding arguments from --decode, --max-batch and --batch-context; ConfigError (one
+    line, naming the fix) for a combination that cannot run. The running batch captures CUDA graphs on
+    CUDA unless --decode static says not to (exact or fall back, as --decode graph)."""
+    from codetune.config import ConfigError
+    from codetune.export.generate import make_decoder
+    from codetune.export.sampling import max_context
+    from codetune.serve.batching import check_batching
+
+    if ns.max_batch < 1:
+        raise ConfigError(f"--max-batch={ns.max_batch}: must be at least 1 (1 = one request at a time)")
+    if ns.max_batch == 1:
+        if ns.batch_context is not None:
+            raise ConfigError("--batch-context sizes the running batch: use it with --max-batch above 1")
+        return dict(decoder=make_decoder(model, ns.decode))
+    if ns.batch_context is not None and not 1 <= ns.batch_context <= max_context(model):
+        raise ConfigError(f"--batch-context={ns.batch_context}: must be between 1 and the model's context "
+                          f"({max_context(model)})")
+    make_decoder(model, ns.decode)  # the same refusals as one at a time (e.g. --decode graph off CUDA)
+    try:
+        check_batching(model, ns.decode)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+    return dict(max_batch=ns.max_batch, batch_context=ns.batch_context,
+                batch_graphs=on_cuda and ns.decode != "static")
+
+
 def run(cfgs: dict, ns: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
         print("codetune serve needs FastAPI and uvicorn: pip install 'codetune[serve]'", file=sys.stderr)
         return 2
-    from codetune.export.generate import load_for_inference, make_decoder
+    from codetune.export.generate import load_for_inference
     from codetune.model.load import pick_device
     from codetune.serve.engine import Engine
     from codetune.serve.guard import fit_connections, log_config, raise_open_file_limit, uvicorn_config
@@ -308,10 +339,10 @@ def run(cfgs: dict, ns: argparse.Namespace) -> int:
               "address can use the model", file=sys.stderr)
     model, tok, info = load_for_inference(cfgs["model"], ns.adapter, pick_device(ns.device),
                                           model_cfg_given=hasattr(ns, "model.model"))
-    engine = Engine(model, tok, max_pending=limits.max_pending, decoder=make_decoder(model, ns.decode))
+    engine = Engine(model, tok, max_pending=limits.max_pending, **engine_decoding(model, ns))
     app = create_app(engine, ns.served_model_name, limits, api_key, run_info=info)
     print(f"codetune serve: model {ns.served_model_name!r} at http://{ns.host}:{ns.port}/v1", file=sys.stderr)
-    print(f"codetune serve: decoding: {engine.decoder.describe()}", file=sys.stderr)
+    print(f"codetune serve: decoding: {engine.describe()}", file=sys.stderr)
     print(f"codetune serve: chat: {chat_support(tok, info).describe()}", file=sys.stderr)
     try:
         uvicorn.Server(uvicorn_config(app, limits, host=ns.host, port=ns.port, backlog=fitted.backlog,

@@ -22,16 +22,17 @@ class Server:
 
 
 @contextmanager
-def running_server(model, tok, limits, run_info=None):
+def running_server(model, tok, limits, run_info=None, **engine_kw):
     """The real app, with the uvicorn settings `codetune serve` uses, on a loopback port picked by the
-    OS, in a background thread; `run_info` as an adapter's codetune.json (how its chat rows were rendered)."""
+    OS, in a background thread; `run_info` as an adapter's codetune.json (how its chat rows were rendered);
+    `engine_kw` to the Engine (e.g. max_batch)."""
     import uvicorn
 
     from codetune.serve.app import create_app
     from codetune.serve.engine import Engine
     from codetune.serve.guard import uvicorn_config
 
-    engine = Engine(model, tok, max_pending=limits.max_pending)
+    engine = Engine(model, tok, max_pending=limits.max_pending, **engine_kw)
     app = create_app(engine, MODEL, limits, api_key=API_KEY, run_info=run_info)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,365 @@
+"""Continuous batching for `codetune serve --max-batch N`: up to N generations decode together in one running
+batch, joining when a row is free and leaving when they end, while each still runs export/sampling's
+`generate_text` (its own thread, its own sampling, stop strings, streaming and cancellation).
+
+One decode step of a 3B model reads every weight once whatever the batch, so N rows cost about what one
+does until the arithmetic catches up; a queue of one-at-a-time requests leaves that on the table. The
+generations hand their forward passes to one BatchScheduler thread through a `Steps` object
+(`RowSteps`): the prompt's pass runs alone (batch 1, transformers' dynamic cache, as the eager loop's) and
+its keys and values are copied into a free row of one transformers StaticCache of N rows x L positions;
+each step waits until every live row has handed in its next token, runs one batched one-token forward
+and hands each row its logits.
+
+The cache's layout. transformers' StaticCache writes every row at one shared position p (its counter).
+A row's prompt and tokens sit in the span [start, p) of its row; keys are stored after rotary, so they
+stay valid wherever the span sits as long as the row's queries carry its own position ids and the
+attention mask covers exactly its span (ones from `start` on: positions past p are cut by causality and
+overwritten before anyone attends to them). A prompt longer than p shifts every live span right first,
+and a step at p == L shifts them left (to the longest span) first: `_relayout`, in place, so a captured
+graph's buffers stay where they were. Free rows attend to everything (never an all-masked row, whose
+softmax is NaN) and their results are dropped.
+
+The one-token step is replayed as a CUDA graph where asked (model/static_cache.capture_step: exact or
+fall back, one warning); the graph reads the token, position and mask buffers and the cache's own
+counter, which all change in place. Greedy output per request equals the request run alone on the CPU
+tests (tests/serve/test_batching.py); unmeasured on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from codetune.export.sampling import EagerSteps, max_context
+from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported, step_attention
+
+log = logging.getLogger("codetune.serve")
+
+MAX_BATCH_HELP = ("decode up to N requests together in one running batch (continuous batching: requests join "
+                  "and leave it as rows free up); 1 = one request at a time. Its KV cache is allocated once: "
+                  "N x --batch-context x layers x 2 x kv_heads x head_dim x 2 bytes in bf16 (stable-code-3b: "
+                  "about 0.33 MB per position, so N=8 at 4096 positions is about 11 GB). Unmeasured on a GPU")
+BATCH_CONTEXT_HELP = ("positions per row of the running batch's KV cache (default: the model's context); "
+                      "with --max-batch above 1, a request's prompt + max_tokens must fit in it")
+
+
+class BatchClosed(RuntimeError):
+    """The scheduler shut down (the server is stopping) while a generation waited on it."""
+
+
+def check_batching(model, decode: str) -> None:
+    """ValueError (naming the fix) where --max-batch above 1 cannot run with this model and --decode."""
+    why = static_unsupported(model)
+    if why:
+        raise ValueError(f"--max-batch above 1 decodes through a static KV cache: {why}; use --max-batch 1")
+    if decode == "eager":
+        raise ValueError("--max-batch above 1 decodes through a static KV cache, not --decode eager; "
+                         "use --decode static, graph or auto, or --max-batch 1")
+
+
+def cache_bytes(model, rows: int, length: int) -> int:
+    """What the running batch's KV cache takes: rows x length x layers x (keys, values) x kv heads x
+    head dim x the model's element size."""
+    from codetune.model.adapters import causal_lm
+
+    c = causal_lm(model).config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    size = model.get_input_embeddings().weight.element_size()
+    return rows * length * c.num_hidden_layers * 2 * heads * head_dim * size
+
+
+@dataclass
+class BatchStats:
+    joins: int = 0  # prompts prefilled into a row
+    steps: int = 0  # batched one-token steps
+    row_steps: int = 0  # live rows summed over the steps (row_steps / steps: the mean batch)
+    shifted: int = 0  # live rows moved right to make room for a longer prompt
+    compacted: int = 0  # live rows moved left because the shared position reached L
+    replays: int = 0  # steps run by a CUDA graph
+    captured: int = 0
+    fallback: str | None = None  # why graphs were turned off, if they were
+
+
+@dataclass
+class _Row:
+    index: int
+    live: bool = False
+    start: int = 0  # cache index where its span begins
+    pos: int = 0  # position id of its next token
+    token: int | None = None  # handed in for the next step
+    answer: torch.Tensor | None = None  # the logits handed back, (1, vocab)
+    error: BaseException | None = None
+
+
+@dataclass
+class _Slot:
+    """The cache and the step's input buffers (fixed addresses, for a captured graph)."""
+    cache: object  # transformers.StaticCache
+    token: torch.Tensor  # (N, 1)
+    pos: torch.Tensor  # (N, 1) each row's position id
+    mask: torch.Tensor  # (N, L) 1 where the row may attend
+    graph: object | None = None  # torch.cuda.CUDAGraph
+    logits: torch.Tensor | None = None  # the graph's output buffer
+    tried: bool = False
+
+
+@dataclass
+class _Join:
+    input_ids: torch.Tensor  # (1, n)
+    row: _Row | None = None  # set once prefilled into a row
+    answer: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class BatchScheduler:
+    """One running batch of `rows` rows x `length` positions (default: the model's context) for one model.
+    graphs: capture the batched step as a CUDA graph (None: where the model is on CUDA)."""
+    model: object
+    rows: int
+    length: int | None = None
+    graphs: bool | None = None
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def __post_init__(self):
+        from transformers import StaticCache
+
+        from codetune.model.adapters import causal_lm
+
+        if self.rows < 1:
+            raise ValueError(f"max_batch={self.rows}: must be at least 1")
+        self.length = self.length or max_context(self.model)
+        self.device = self.model.get_input_embeddings().weight.device
+        if self.graphs is None:
+            self.graphs = self.device.type == "cuda"
+        z = dict(dtype=torch.long, device=self.device)
+        self._slot = _Slot(StaticCache(config=causal_lm(self.model).config, max_cache_len=self.length),
+                           torch.zeros((self.rows, 1), **z), torch.zeros((self.rows, 1), **z),
+                           torch.ones((self.rows, self.length), **z))
+        self._kw = cache_kwarg(self.model)
+        self._rows = [_Row(i) for i in range(self.rows)]
+        self._joins: list[_Join] = []
+        self._p = 0  # the shared write position (the cache's counter, mirrored on the host)
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="codetune-batch", daemon=True)
+        self._thread.start()
+
+    def describe(self) -> str:
+        how = "CUDA graphs" if self.graphs else (f"no CUDA graphs: {self.stats.fallback}" if self.stats.fallback
+                                                  else "no CUDA graphs")
+        gb = cache_bytes(self.model, self.rows, self.length) / 1e9
+        return f"continuous batching, {self.rows} rows x {self.length} positions ({gb:.2g} GB KV cache, {how})"
+
+    def decoder(self) -> RowDecoder:
+        """What generate_text takes as its `decoder` for one generation in this batch; release() it after."""
+        return RowDecoder(self)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # --- the generations' side (their own threads) ---
+
+    def join(self, input_ids: torch.Tensor) -> tuple[_Row, torch.Tensor]:
+        """Prefill a prompt into a free row (waiting for one); (the row, the last position's logits)."""
+        job = _Join(input_ids)
+        with self._cond:
+            self._joins.append(job)
+            self._cond.notify_all()
+            while not job.done and not self._closed:
+                self._cond.wait()
+        if job.error is not None:
+            raise job.error
+        if not job.done:
+            raise BatchClosed("the server is shutting down")
+        return job.row, job.answer
+
+    def step(self, row: _Row, token: int) -> torch.Tensor:
+        with self._cond:
+            row.token, row.answer, row.error = token, None, None
+            self._cond.notify_all()
+            while row.answer is None and row.error is None and not self._closed:
+                self._cond.wait()
+            if row.error is not None:
+                raise row.error
+            if row.answer is None:
+                raise BatchClosed("the server is shutting down")
+            return row.answer
+
+    def leave(self, row: _Row) -> None:
+        with self._cond:
+            row.live, row.token = False, None
+            self._cond.notify_all()
+
+    # --- the scheduler's thread ---
+
+    def _ready(self) -> bool:
+        live = [r for r in self._rows if r.live]
+        free = len(live) < self.rows
+        return bool(self._joins and free) or bool(live and all(r.token is not None for r in live))
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while not self._closed and not self._ready():
+                    self._cond.wait()
+                if self._closed:
+                    self._cond.notify_all()
+                    return
+                # the lock stays held through the forward pass: the generations wait for its answer anyway
+                if self._joins and any(not r.live for r in self._rows):
+                    self._admit(self._joins.pop(0))
+                else:
+                    self._batched_step()
+                self._cond.notify_all()
+
+    def _admit(self, job: _Join) -> None:
+        row = next(r for r in self._rows if not r.live)
+        try:
+            steps = EagerSteps(self.model)
+            job.answer = steps.prefill(job.input_ids).clone()
+            self._place(row, steps.past, job.input_ids.shape[1])
+            job.row = row
+            self.stats.joins += 1
+        except Exception as e:  # noqa: BLE001 - the error goes to the generation that asked
+            job.error = e
+        job.done = True
+
+    def _place(self, row: _Row, past, n: int) -> None:
+        """Copy a prefilled prompt's keys and values into `row`, ending at the shared position."""
+        if n > self.length:
+            raise ValueError(f"a {n}-token prompt does not fit the running batch's {self.length} positions "
+                             "(--batch-context)")
+        layers = self._slot.cache.layers
+        if not layers[0].is_initialized:  # allocated at the first join, in the prompt's dtype and heads
+            for layer, src in zip(layers, past.layers):
+                layer.lazy_initialization(src.keys.expand(self.rows, -1, -1, -1),
+                                          src.values.expand(self.rows, -1, -1, -1))
+        if not any(r.live for r in self._rows):
+            self._set_p(n)
+        elif n > self._p:
+            self._relayout(n)
+        start = self._p - n
+        for layer, src in zip(layers, past.layers):
+            layer.keys[row.index, :, start:self._p].copy_(src.keys[0])
+            layer.values[row.index, :, start:self._p].copy_(src.values[0])
+        row.live, row.start, row.pos, row.token = True, start, n, None
+        self._mask_row(row)
+
+    def _mask_row(self, row: _Row) -> None:
+        mask = self._slot.mask[row.index]
+        mask.fill_(1)
+        mask[:row.start] = 0
+
+    def _set_p(self, p: int) -> None:
+        for layer in self._slot.cache.layers:
+            layer.cumulative_length.fill_(p)  # in place: a captured graph reads this counter
+        self._p = p
+
+    def _relayout(self, new_p: int) -> None:
+        """Move every live row's span so it ends at `new_p` (in place: right for a long prompt, left when p
+        reached L). Spans are copied nearest-end first so an overlapping move never reads what it wrote."""
+        shift = new_p - self._p
+        live = [r for r in self._rows if r.live]
+        if shift > 0 and new_p > self.length or any(r.start + shift < 0 for r in live):
+            raise RuntimeError(f"cannot move the running batch's rows to end at {new_p}")
+        for layer in self._slot.cache.layers:
+            for r in live:
+                for buf in (layer.keys, layer.values):
+                    # clone: source and target overlap within the row
+                    buf[r.index, :, r.start + shift:new_p].copy_(buf[r.index, :, r.start:self._p].clone())
+        for r in live:
+            r.start += shift
+            self._mask_row(r)
+        self._set_p(new_p)
+        if shift > 0:
+            self.stats.shifted += 1
+        else:
+            self.stats.compacted += 1
+
+    def _batched_step(self) -> None:
+        live = [r for r in self._rows if r.live]
+        slot = self._slot
+        try:
+            if self._p >= self.length:
+                # to the longest span (a row's span is as long as its next position id): below L, as no
+                # row steps past its prompt + max_tokens <= L
+                self._relayout(max(r.pos for r in live))
+            for r in self._rows:
+                if not r.live:  # a free row: any finite input, dropped
+                    slot.mask[r.index].fill_(1)
+            slot.token.copy_(torch.tensor([[r.token if r.live else 0] for r in self._rows]))
+            slot.pos.copy_(torch.tensor([[r.pos if r.live else 0] for r in self._rows]))
+            logits = self._step()[:, -1, :]
+            self._p += 1
+            self.stats.steps += 1
+            self.stats.row_steps += len(live)
+            for r in live:
+                r.answer, r.token, r.pos = logits[r.index:r.index + 1].clone(), None, r.pos + 1
+        except Exception as e:  # noqa: BLE001 - every row in the step gets it; the cache is not trusted after
+            log.exception("codetune serve: a batched decode step failed")
+            for r in live:
+                r.error, r.token, r.live = e, None, False
+            self._set_p(self._p)  # the counter back to the host's, whether or not the forward moved it
+
+    def _forward(self, slot: _Slot, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        with step_attention():
+            out = self.model(input_ids=token, attention_mask=slot.mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **{self._kw: slot.cache})
+        return out.logits
+
+    def _step(self) -> torch.Tensor:
+        slot = self._slot
+        if slot.graph is not None and self.graphs:
+            slot.graph.replay()
+            self.stats.replays += 1
+            return slot.logits
+        if self.graphs and not slot.tried:
+            slot.tried = True
+            got = capture_step(lambda: self._forward(slot, slot.token, slot.pos), lambda: rewind(slot.cache),
+                               self.device)
+            if got.graph is None:
+                self.graphs, self.stats.fallback = False, got.why
+                log.warning("codetune serve: CUDA graphs off, the running batch decodes with the static KV cache "
+                            "alone: %s", got.why)
+            else:
+                slot.graph, slot.logits = got.graph, got.logits
+                self.stats.captured += 1
+            return got.logits
+        return self._forward(slot, slot.token, slot.pos)
+
+
+class RowDecoder:
+    """A Decoder for generate_text (it calls `steps`) whose passes run in a BatchScheduler's batch; one
+    generation each. `release()` frees its row (the generation ended, was cancelled, or failed)."""
+
+    def __init__(self, scheduler: BatchScheduler):
+        self.scheduler, self.row = scheduler, None
+
+    def steps(self, prompt_len: int, max_new_tokens: int) -> RowDecoder:
+        if prompt_len + max_new_tokens > self.scheduler.length:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_tokens ({max_new_tokens}) passes the running "
+                             f"batch's {self.scheduler.length} positions (--batch-context)")
+        return self
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.row is not None:
+            raise RuntimeError("a RowDecoder runs one generation")
+        self.row, logits = self.scheduler.join(input_ids)
+        return logits
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(self.row, int(token))
+
+    def release(self) -> None:
+        if self.row is not None:
+            self.scheduler.leave(self.row)
