@@ -4,7 +4,8 @@ speak OpenAI's API (Continue, Tabby-style clients, the `openai` package) can use
 Routes: POST /v1/completions (prompt or fill-in-the-middle through `suffix`), POST /v1/chat/completions
 (a conversation, rendered as training rendered chat rows: jobs.py), both streaming as server-sent events;
 POST /infill (llama.cpp's fill-in-the-middle, which editor plugins such as llama.vim and llama.vscode send;
-not streamed); GET /v1/models, GET /health. Requests queue through one engine worker (engine.py) and stop generating
+not streamed); GET /v1/models, GET /health. Requests queue through one engine worker (engine.py; with --max-batch
+they decode together in one running batch, batching.py) and stop generating
 when their client disconnects; request fields, token budgets and choice counts are checked
 (schemas.py); connections, headers and bodies are bounded in time and size (guard.py); every limit is
 a flag (limits.py); errors are JSON in OpenAI's shape.
