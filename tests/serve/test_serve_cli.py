@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from tiny_adapter import build_tiny_adapter
 
 
@@ -17,12 +18,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_command(tmp_path):
+@pytest.mark.parametrize("flags, decoding", [([], "static KV cache"),
+                                             (["--max-batch", "2", "--batch-context", "256"],
+                                              "continuous batching, 2 rows x 256 positions")])
+def test_serve_command(tmp_path, flags, decoding):
     adapter = build_tiny_adapter(tmp_path / "run" / "adapter")
     port = _free_port()
     env = dict(os.environ, CODETUNE_API_KEY="sk-env")
     proc = subprocess.Popen([sys.executable, "-m", "codetune", "serve", "--adapter", str(adapter), "--port",
-                             str(port), "--device", "cpu", "--served-model-name", "mine"],
+                             str(port), "--device", "cpu", "--served-model-name", "mine", *flags],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90
@@ -41,6 +45,7 @@ def test_serve_command(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert f"codetune serve: decoding: {decoding}" in proc.stderr.read()
 
 
 def test_every_limit_is_a_flag_with_its_default_shown(capsys):
