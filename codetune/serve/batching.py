@@ -85,14 +85,17 @@ class BatchStats:
 
 
 @dataclass
-class _Row:
-    index: int
-    live: bool = False
+class _Ticket:
+    """One generation's place in the batch, from its prompt to its leaving. Answers and errors go here,
+    not to the row: once it leaves, its row may hold someone else."""
+    input_ids: torch.Tensor  # (1, n), until it is prefilled
+    row: int | None = None  # its row, once admitted
     start: int = 0  # cache index where its span begins
     pos: int = 0  # position id of its next token
     token: int | None = None  # handed in for the next step
     answer: torch.Tensor | None = None  # the logits handed back, (1, vocab)
     error: BaseException | None = None
+    admitted: bool = False  # prefilled (or refused: then `error`)
 
 
 @dataclass
@@ -105,15 +108,6 @@ class _Slot:
     graph: object | None = None  # torch.cuda.CUDAGraph
     logits: torch.Tensor | None = None  # the graph's output buffer
     tried: bool = False
-
-
-@dataclass
-class _Join:
-    input_ids: torch.Tensor  # (1, n)
-    row: _Row | None = None  # set once prefilled into a row
-    answer: torch.Tensor | None = None
-    error: BaseException | None = None
-    done: bool = False
 
 
 @dataclass
@@ -142,8 +136,8 @@ class BatchScheduler:
                            torch.zeros((self.rows, 1), **z), torch.zeros((self.rows, 1), **z),
                            torch.ones((self.rows, self.length), **z))
         self._kw = cache_kwarg(self.model)
-        self._rows = [_Row(i) for i in range(self.rows)]
-        self._joins: list[_Join] = []
+        self._rows: list[_Ticket | None] = [None] * self.rows  # who holds each row
+        self._joins: list[_Ticket] = []
         self._p = 0  # the shared write position (the cache's counter, mirrored on the host)
         self._closed = False
         self._cond = threading.Condition()
@@ -168,43 +162,52 @@ class BatchScheduler:
 
     # --- the generations' side (their own threads) ---
 
-    def join(self, input_ids: torch.Tensor) -> tuple[_Row, torch.Tensor]:
-        """Prefill a prompt into a free row (waiting for one); (the row, the last position's logits)."""
-        job = _Join(input_ids)
+    def join(self, ticket: _Ticket) -> torch.Tensor:
+        """Prefill the ticket's prompt into a free row (waiting for one); the last position's logits."""
         with self._cond:
-            self._joins.append(job)
+            self._joins.append(ticket)
             self._cond.notify_all()
-            while not job.done and not self._closed:
+            while not ticket.admitted and not self._closed:
                 self._cond.wait()
-        if job.error is not None:
-            raise job.error
-        if not job.done:
+            return self._answer(ticket)
+
+    def step(self, ticket: _Ticket, token: int) -> torch.Tensor:
+        with self._cond:
+            if ticket.row is None:
+                raise RuntimeError("this generation has no row in the batch (it left, or a step failed)")
+            ticket.token, ticket.answer = token, None
+            self._cond.notify_all()
+            while ticket.answer is None and ticket.error is None and not self._closed:
+                self._cond.wait()
+            return self._answer(ticket)
+
+    def _answer(self, ticket: _Ticket) -> torch.Tensor:
+        if ticket.error is not None:
+            raise ticket.error
+        if ticket.answer is None:
             raise BatchClosed("the server is shutting down")
-        return job.row, job.answer
+        return ticket.answer
 
-    def step(self, row: _Row, token: int) -> torch.Tensor:
+    def leave(self, ticket: _Ticket) -> None:
         with self._cond:
-            row.token, row.answer, row.error = token, None, None
-            self._cond.notify_all()
-            while row.answer is None and row.error is None and not self._closed:
-                self._cond.wait()
-            if row.error is not None:
-                raise row.error
-            if row.answer is None:
-                raise BatchClosed("the server is shutting down")
-            return row.answer
-
-    def leave(self, row: _Row) -> None:
-        with self._cond:
-            row.live, row.token = False, None
+            self._free(ticket)
+            if ticket in self._joins:  # (it gave up before being admitted)
+                self._joins.remove(ticket)
             self._cond.notify_all()
 
     # --- the scheduler's thread ---
 
+    def _free(self, ticket: _Ticket) -> None:
+        if ticket.row is not None and self._rows[ticket.row] is ticket:
+            self._rows[ticket.row] = None
+        ticket.row, ticket.token = None, None
+
+    def _live(self) -> list[_Ticket]:
+        return [t for t in self._rows if t is not None]
+
     def _ready(self) -> bool:
-        live = [r for r in self._rows if r.live]
-        free = len(live) < self.rows
-        return bool(self._joins and free) or bool(live and all(r.token is not None for r in live))
+        live = self._live()
+        return bool(self._joins and len(live) < self.rows) or bool(live and all(t.token is not None for t in live))
 
     @torch.inference_mode()
     def _run(self) -> None:
@@ -216,26 +219,24 @@ class BatchScheduler:
                     self._cond.notify_all()
                     return
                 # the lock stays held through the forward pass: the generations wait for its answer anyway
-                if self._joins and any(not r.live for r in self._rows):
+                if self._joins and len(self._live()) < self.rows:
                     self._admit(self._joins.pop(0))
                 else:
                     self._batched_step()
                 self._cond.notify_all()
 
-    def _admit(self, job: _Join) -> None:
-        row = next(r for r in self._rows if not r.live)
+    def _admit(self, ticket: _Ticket) -> None:
         try:
             steps = EagerSteps(self.model)
-            job.answer = steps.prefill(job.input_ids).clone()
-            self._place(row, steps.past, job.input_ids.shape[1])
-            job.row = row
+            ticket.answer = steps.prefill(ticket.input_ids).clone()
+            self._place(ticket, steps.past, ticket.input_ids.shape[1])
             self.stats.joins += 1
         except Exception as e:  # noqa: BLE001 - the error goes to the generation that asked
-            job.error = e
-        job.done = True
+            ticket.error = e
+        ticket.admitted, ticket.input_ids = True, None
 
-    def _place(self, row: _Row, past, n: int) -> None:
-        """Copy a prefilled prompt's keys and values into `row`, ending at the shared position."""
+    def _place(self, ticket: _Ticket, past, n: int) -> None:
+        """Copy a prefilled prompt's keys and values into a free row, ending at the shared position."""
         if n > self.length:
             raise ValueError(f"a {n}-token prompt does not fit the running batch's {self.length} positions "
                              "(--batch-context)")
@@ -244,21 +245,22 @@ class BatchScheduler:
             for layer, src in zip(layers, past.layers):
                 layer.lazy_initialization(src.keys.expand(self.rows, -1, -1, -1),
                                           src.values.expand(self.rows, -1, -1, -1))
-        if not any(r.live for r in self._rows):
+        if not self._live():
             self._set_p(n)
         elif n > self._p:
             self._relayout(n)
-        start = self._p - n
+        row, start = self._rows.index(None), self._p - n
         for layer, src in zip(layers, past.layers):
-            layer.keys[row.index, :, start:self._p].copy_(src.keys[0])
-            layer.values[row.index, :, start:self._p].copy_(src.values[0])
-        row.live, row.start, row.pos, row.token = True, start, n, None
-        self._mask_row(row)
+            layer.keys[row, :, start:self._p].copy_(src.keys[0])
+            layer.values[row, :, start:self._p].copy_(src.values[0])
+        self._rows[row] = ticket
+        ticket.row, ticket.start, ticket.pos, ticket.token = row, start, n, None
+        self._mask_row(ticket)
 
-    def _mask_row(self, row: _Row) -> None:
-        mask = self._slot.mask[row.index]
+    def _mask_row(self, ticket: _Ticket) -> None:
+        mask = self._slot.mask[ticket.row]
         mask.fill_(1)
-        mask[:row.start] = 0
+        mask[:ticket.start] = 0
 
     def _set_p(self, p: int) -> None:
         for layer in self._slot.cache.layers:
@@ -266,20 +268,20 @@ class BatchScheduler:
         self._p = p
 
     def _relayout(self, new_p: int) -> None:
-        """Move every live row's span so it ends at `new_p` (in place: right for a long prompt, left when p
-        reached L). Spans are copied nearest-end first so an overlapping move never reads what it wrote."""
+        """Move every live row's span so it ends at `new_p`, in place: right for a long prompt, left when p
+        reached L."""
         shift = new_p - self._p
-        live = [r for r in self._rows if r.live]
-        if shift > 0 and new_p > self.length or any(r.start + shift < 0 for r in live):
+        live = self._live()
+        if shift > 0 and new_p > self.length or any(t.start + shift < 0 for t in live):
             raise RuntimeError(f"cannot move the running batch's rows to end at {new_p}")
         for layer in self._slot.cache.layers:
-            for r in live:
+            for t in live:
                 for buf in (layer.keys, layer.values):
                     # clone: source and target overlap within the row
-                    buf[r.index, :, r.start + shift:new_p].copy_(buf[r.index, :, r.start:self._p].clone())
-        for r in live:
-            r.start += shift
-            self._mask_row(r)
+                    buf[t.row, :, t.start + shift:new_p].copy_(buf[t.row, :, t.start:self._p].clone())
+        for t in live:
+            t.start += shift
+            self._mask_row(t)
         self._set_p(new_p)
         if shift > 0:
             self.stats.shifted += 1
@@ -287,28 +289,29 @@ class BatchScheduler:
             self.stats.compacted += 1
 
     def _batched_step(self) -> None:
-        live = [r for r in self._rows if r.live]
+        live = self._live()
         slot = self._slot
         try:
             if self._p >= self.length:
                 # to the longest span (a row's span is as long as its next position id): below L, as no
                 # row steps past its prompt + max_tokens <= L
-                self._relayout(max(r.pos for r in live))
-            for r in self._rows:
-                if not r.live:  # a free row: any finite input, dropped
-                    slot.mask[r.index].fill_(1)
-            slot.token.copy_(torch.tensor([[r.token if r.live else 0] for r in self._rows]))
-            slot.pos.copy_(torch.tensor([[r.pos if r.live else 0] for r in self._rows]))
+                self._relayout(max(t.pos for t in live))
+            for row, t in enumerate(self._rows):
+                if t is None:  # a free row: any finite input, dropped
+                    slot.mask[row].fill_(1)
+            slot.token.copy_(torch.tensor([[0 if t is None else t.token] for t in self._rows]))
+            slot.pos.copy_(torch.tensor([[0 if t is None else t.pos] for t in self._rows]))
             logits = self._step()[:, -1, :]
             self._p += 1
             self.stats.steps += 1
             self.stats.row_steps += len(live)
-            for r in live:
-                r.answer, r.token, r.pos = logits[r.index:r.index + 1].clone(), None, r.pos + 1
+            for t in live:
+                t.answer, t.token, t.pos = logits[t.row:t.row + 1].clone(), None, t.pos + 1
         except Exception as e:  # noqa: BLE001 - every row in the step gets it; the cache is not trusted after
             log.exception("codetune serve: a batched decode step failed")
-            for r in live:
-                r.error, r.token, r.live = e, None, False
+            for t in live:
+                t.error = e
+                self._free(t)
             self._set_p(self._p)  # the counter back to the host's, whether or not the forward moved it
 
     def _forward(self, slot: _Slot, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -343,7 +346,7 @@ class RowDecoder:
     generation each. `release()` frees its row (the generation ended, was cancelled, or failed)."""
 
     def __init__(self, scheduler: BatchScheduler):
-        self.scheduler, self.row = scheduler, None
+        self.scheduler, self.ticket = scheduler, None
 
     def steps(self, prompt_len: int, max_new_tokens: int) -> RowDecoder:
         if prompt_len + max_new_tokens > self.scheduler.length:
@@ -352,14 +355,14 @@ class RowDecoder:
         return self
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.row is not None:
+        if self.ticket is not None:
             raise RuntimeError("a RowDecoder runs one generation")
-        self.row, logits = self.scheduler.join(input_ids)
-        return logits
+        self.ticket = _Ticket(input_ids)
+        return self.scheduler.join(self.ticket)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.step(self.row, int(token))
+        return self.scheduler.step(self.ticket, int(token))
 
     def release(self) -> None:
-        if self.row is not None:
-            self.scheduler.leave(self.row)
+        if self.ticket is not None:
+            self.scheduler.leave(self.ticket)

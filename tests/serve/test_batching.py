@@ -227,3 +227,21 @@ def test_concurrent_http_clients_each_get_their_own_completion(tiny_model):
             client.completions.create(model=MODEL, prompt="x " * 200, max_tokens=100)
         assert srv.engine.batch.stats.row_steps / srv.engine.batch.stats.steps > 1
         assert srv.engine.pending == 0
+
+
+def test_a_failed_step_fails_its_rows_and_the_batch_serves_on(tiny_model, engine, monkeypatch):
+    tok = tiny_model[1]
+    ids, params = prompt_ids(tok, "def f("), SamplingParams(max_new_tokens=10)
+    eng = engine(max_batch=2, batch_context=128)
+    forward, calls = eng.batch._forward, []
+
+    def once_broken(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return forward(*args)
+    monkeypatch.setattr(eng.batch, "_forward", once_broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        eng.submit([ids], [params]).future.result(timeout=30)
+    assert same(eng.submit([ids], [params]).future.result(timeout=30)[0], alone(tiny_model, ids, params))
+    assert eng.pending == 0
