@@ -1,4 +1,5 @@
-"""The one place the served model runs: a worker thread that takes jobs from a queue, one at a time.
+"""The one place the served model runs: a worker thread that takes jobs from a queue, one at a time
+(or, with `max_batch`, as many as the running batch has rows).
 
 A model's forward pass is not safe to run twice at once on one GPU's memory budget (two KV caches of
 a 3B model may not fit) and interleaving gains nothing on a CPU, so requests queue here in arrival
