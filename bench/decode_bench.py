@@ -140,8 +140,12 @@ def tie_margin(model, ids: list[int], reference: list[int], out_ids: list[int], 
         logits = model(input_ids=x, logits_to_keep=1).logits[0, -1].float()
     gap = float(logits[reference[at]] - logits[out_ids[at]])
     top = float(logits.max())
-    ulp = 2.0 ** (math.floor(math.log2(max(abs(top), 2**-100))) - 7)  # bf16: 7 explicit mantissa bits
-    return {"mismatch_logit_gap": round(gap, 5), "top_logit": round(top, 4), "near_tie": abs(gap) <= 2 * ulp}
+    return {"mismatch_logit_gap": round(gap, 5), "top_logit": round(top, 4), "near_tie": gap_ulps(gap, top) <= 2}
+
+
+def gap_ulps(gap: float, top: float) -> float:
+    """A logit gap in bf16 units in the last place at the top logit's magnitude (7 explicit mantissa bits)."""
+    return abs(gap) / 2.0 ** (math.floor(math.log2(max(abs(top), 2**-100))) - 7)
 
 
 def measure(a, precision: str, device: torch.device) -> None:
