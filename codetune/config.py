@@ -234,7 +234,7 @@ class EvalConfig(Section):
     eval_decode: str = opt("auto", "how completions are decoded: batched (greedy runs through a static KV cache, "
                            "CUDA-graphed on a GPU; same ids as eager), eager (transformers' generate, the reference; "
                            "sampled runs always use it), auto (batched on the CPU where the model takes a static cache; "
-                           "eager on a GPU until a GPU run has measured batched)",
+                           "eager on a GPU until a trained checkpoint has shown batched gives eager's scores)",
                            used_by=EVAL, choices=("auto", "batched", "eager"))
     fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split",
                                  used_by=EVAL)

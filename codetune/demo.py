@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from codetune.atomic import own_output_dir
 from codetune.config import ConfigError, build
 
 CLI_FLAGS = [
@@ -55,15 +56,16 @@ def demo_sources() -> list[str]:
 
 
 def fresh_dir(out: Path) -> None:
-    """The demo may clear only a folder it made itself (marked), never someone else's data."""
-    if (out.exists() or out.is_symlink()) and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose a new or empty folder")
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise ConfigError(f"{out} exists and was not made by the demo; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by codetune demo; safe to delete\n")
+    """The demo's folder, emptied: atomic.own_output_dir's rule (a new or empty folder, or one the demo
+    marked as its own), then an earlier demo run's files go; never anything the demo did not make."""
+    own_output_dir(out, MARKER, "codetune demo", "--out")
+    for child in out.iterdir():
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 @dataclass(frozen=True)

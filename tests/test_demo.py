@@ -43,7 +43,7 @@ def test_demo_prints_a_human_summary_and_keeps_foreign_folders(tmp_path, capsys)
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     assert main(["demo", "--out", str(foreign), "--steps", "2"]) == 2
-    assert "not made by the demo" in capsys.readouterr().err
+    assert "holds files that `codetune demo` did not write" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 

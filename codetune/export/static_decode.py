@@ -33,7 +33,7 @@ log = logging.getLogger("codetune.decode")
 DECODE_MODES = ("auto", "eager", "static", "graph")
 DECODE_HELP = ("how tokens are decoded: static (preallocated KV cache), graph (static + the one-token step "
                "replayed as a CUDA graph; CUDA only), eager (transformers' growing cache, the reference), "
-               "auto (static on the CPU; eager on CUDA until a GPU run has measured the graphed path, and "
+               "auto (static on the CPU; eager on CUDA until a trained checkpoint has shown graph's text is eager's, and "
                "wherever a static cache does not apply)")
 # for a stage module's CLI_FLAGS: `codetune generate` and `codetune serve` take the same flag
 DECODE_FLAG = (("--decode",), dict(choices=DECODE_MODES, default="auto", help=DECODE_HELP))
@@ -59,9 +59,9 @@ def resolve_mode(mode: str, model) -> str:
     device = model.get_input_embeddings().weight.device
     why = static_unsupported(model) if mode != "eager" else None
     if mode == "auto":
-        # On CUDA auto stays on the eager loop until a GPU run has shown the static cache and its graphs
-        # give the eager loop's greedy ids and pay (bench/suites/decode.txt, issue 17); --decode graph or
-        # static choose them explicitly meanwhile.
+        # On CUDA auto stays on the eager loop: the graphed path pays (bench/results/decode_h200_2026-12-01_s7.md)
+        # but on random weights its greedy ids part from the eager loop's at near-ties, so the same text is
+        # still to be shown on a trained checkpoint (issue 17); --decode graph or static choose it meanwhile.
         return "eager" if why or device.type == "cuda" else "static"
     if why:
         raise ValueError(f"--decode {mode}: {why}; use --decode eager")

@@ -10,7 +10,7 @@ checkpoints/step-000120/
 
 A checkpoint missing one of the resume files (a kill while an older version pruned it) does not count;
 one whose file is damaged (truncated by a full disk) is reported by name, and resume falls back to the
-previous one (recipe.maybe_resume).
+previous one (train/resume.maybe_resume).
 """
 
 from __future__ import annotations
