@@ -84,11 +84,11 @@ class BatchStats:
     fallback: str | None = None  # why graphs were turned off, if they were
 
 
-@dataclass
+@dataclass(eq=False)  # identity: tickets are looked up in lists, and their tensors have no plain ==
 class _Ticket:
     """One generation's place in the batch, from its prompt to its leaving. Answers and errors go here,
     not to the row: once it leaves, its row may hold someone else."""
-    input_ids: torch.Tensor  # (1, n), until it is prefilled
+    input_ids: torch.Tensor | None  # (1, n), until it is prefilled
     row: int | None = None  # its row, once admitted
     start: int = 0  # cache index where its span begins
     pos: int = 0  # position id of its next token
