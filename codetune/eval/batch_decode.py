@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported, step_attention
+from codetune.model.static_cache import cache_kwarg, graphed_step, static_unsupported, step_attention
 
 log = logging.getLogger("codetune.eval")
 
@@ -101,22 +101,13 @@ class BatchDecoder:
 
     def _step(self, slot: _Slot) -> torch.Tensor:
         self.stats.steps += 1
-        if slot.graph is not None and self.graphs:
-            slot.graph.replay()
-            self.stats.replays += 1
-            return slot.logits
-        if self.graphs and not slot.tried:
-            slot.tried = True
-            got = capture_step(lambda: self._forward(slot, slot.token, slot.pos), lambda: rewind(slot.cache),
-                               self.device)
-            if got.graph is None:
-                self.graphs, self.stats.fallback = False, got.why
-                log.warning("codetune eval: CUDA graphs off, decoding with the static KV cache alone: %s", got.why)
-            else:
-                slot.graph, slot.logits = got.graph, got.logits
-                self.stats.captured += 1
-            return got.logits
-        return self._forward(slot, slot.token, slot.pos)
+        if not self.graphs:
+            return self._forward(slot, slot.token, slot.pos)
+        logits, off = graphed_step(slot, self.stats, lambda: self._forward(slot, slot.token, slot.pos), self.device)
+        if off:
+            self.graphs, self.stats.fallback = False, off
+            log.warning("codetune eval: CUDA graphs off, decoding with the static KV cache alone: %s", off)
+        return logits
 
     @torch.inference_mode()
     def greedy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

@@ -106,3 +106,23 @@ def capture_step(forward, rewind, device: torch.device, same_stream: bool = True
         return CapturedStep(None, forward(),
                             f"the graphed step's logits differ from the eager step's (max |diff| {diff:.3g})")
     return CapturedStep(graph, out)
+
+
+def graphed_step(slot, stats, forward, device: torch.device) -> tuple[torch.Tensor, str | None]:
+    """One step of a batched static-cache decoder whose graphs are on (eval's BatchDecoder, serve's running
+    batch): replay the slot's graph; else capture it once (capture_step, exact or fall back) and keep it;
+    else, after a failed capture, run `forward()`. `slot` has `graph`, `logits`, `tried` and `cache`;
+    `stats` counts `replays` and `captured`. Returns (the step's logits, why graphs must go off or None)."""
+    if slot.graph is not None:
+        slot.graph.replay()
+        stats.replays += 1
+        return slot.logits, None
+    if slot.tried:
+        return forward(), None
+    slot.tried = True
+    got = capture_step(forward, lambda: rewind(slot.cache), device)
+    if got.graph is None:
+        return got.logits, got.why
+    slot.graph, slot.logits = got.graph, got.logits
+    stats.captured += 1
+    return got.logits, None
