@@ -1,5 +1,6 @@
 """Single-stream decode speed (issue 17, item 1) of the random-init stable-code-3b shape, batch 1, warm:
-codetune's decode loop eager / static KV cache / static + CUDA graphs, against transformers' `generate`
+codetune's decode loop eager / static KV cache / static + CUDA graphs / the same with the step compiled
+(torch.compile, experimental), against transformers' `generate`
 with its dynamic cache and with cache_implementation="static" (which transformers compiles on CUDA), on
 the same loaded model in the same process. Random weights make the text meaningless but the speed real
 (same shapes, same kernels); generation never stops early (no EOS), so every mode makes the same number of
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-MODES = ("codetune-eager", "codetune-static", "codetune-graph", "hf-dynamic", "hf-static")
+MODES = ("codetune-eager", "codetune-static", "codetune-graph", "codetune-compiled", "hf-dynamic", "hf-static")
 CASES = {"a": (2000, 0, 32), "b": (32, 0, 128), "c": (1500, 500, 32)}  # prefix tokens, suffix tokens, new
 CODE = ("import json\nfrom pathlib import Path\n\n\ndef read_config(path: Path) -> dict:\n"
         "    \"\"\"Load a JSON config, with defaults.\"\"\"\n    text = path.read_text(encoding='utf-8')\n"
@@ -165,7 +166,7 @@ def measure(a, precision: str, device: torch.device) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab_limit = min(len(tok), model.get_input_embeddings().weight.shape[0])
     decoders = {}
-    for mode in ("eager", "static", "graph"):
+    for mode in ("eager", "static", "graph", "compiled"):
         try:
             decoders[mode] = Decoder(model, mode)
         except ValueError as e:

@@ -30,9 +30,11 @@ from codetune.model.static_cache import cache_kwarg, capture_step, rewind, stati
 
 log = logging.getLogger("codetune.decode")
 
-DECODE_MODES = ("auto", "eager", "static", "graph")
+DECODE_MODES = ("auto", "eager", "static", "graph", "compiled")
 DECODE_HELP = ("how tokens are decoded: static (preallocated KV cache), graph (static + the one-token step "
-               "replayed as a CUDA graph; CUDA only), eager (transformers' growing cache, the reference), "
+               "replayed as a CUDA graph; CUDA only), compiled (graph with the step compiled by torch.compile "
+               "first, fusing its small kernels; each cache size compiles once, which takes a while; "
+               "experimental), eager (transformers' growing cache, the reference), "
                "auto (static on the CPU; eager on CUDA until a trained checkpoint has shown graph's text is eager's, and "
                "wherever a static cache does not apply)")
 # for a stage module's CLI_FLAGS: `codetune generate` and `codetune serve` take the same flag
@@ -67,7 +69,7 @@ def resolve_mode(mode: str, model) -> str:
         raise ValueError(f"--decode {mode}: {why}; use --decode eager")
     if mode == "graph" and device.type != "cuda":
         raise ValueError(f"--decode graph needs a CUDA device (the model is on {device.type}); use --decode static")
-    return mode
+    return mode  # (compiled runs on the CPU too, without graphs: the tests' way in)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class DecodeStats:
     replays: int = 0  # steps run by a graph
     eager_steps: int = 0  # one-token steps run without a graph (static cache)
     fallback: str | None = None  # why graphs were turned off, if they were
+    compile_fallback: str | None = None  # why mode compiled runs uncompiled, if it does
 
 
 @dataclass
@@ -97,11 +100,15 @@ class Decoder:
         self.model, self.mode, self.stats = model, resolve_mode(mode, model), DecodeStats()
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._generation = 0
-        self._graphs = self.mode == "graph"
+        on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
+        self._graphs = self.mode == "graph" or (self.mode == "compiled" and on_cuda)
+        self._compiled = None  # the compiled one-token step, made at its first use (mode compiled)
 
     def describe(self) -> str:
         if self.mode == "eager":
             return "eager (dynamic KV cache)"
+        if self.mode == "compiled" and self.stats.compile_fallback is None:
+            return "static KV cache, torch.compile'd step" + (" + CUDA graphs" if self._graphs else "")
         if self._graphs:
             return "static KV cache + CUDA graphs"
         return f"static KV cache (CUDA graphs off: {self.stats.fallback})" if self.stats.fallback else "static KV cache"
@@ -132,9 +139,29 @@ class Decoder:
         return slot
 
     def _forward(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "compiled" and x.shape[1] == 1 and self.stats.compile_fallback is None:
+            return self._compiled_step(slot, x)
+        return self._eager_forward(slot.cache, x)
+
+    def _eager_forward(self, cache, x: torch.Tensor) -> torch.Tensor:
         with step_attention():
-            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): slot.cache})
+            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
         return out.logits
+
+    def _compiled_step(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
+        """The one-token step through torch.compile (the prompt's pass stays eager: its length varies). A
+        compile that fails turns compiling off for good, with one warning, and the step runs uncompiled;
+        each cache size is one compiled shape (dynamic=False)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._eager_forward, dynamic=False)
+        try:
+            return self._compiled(slot.cache, x)
+        except Exception as e:  # noqa: BLE001 - the compiler's failures are many; the uncompiled step is exact
+            first = (str(e).splitlines() or [""])[0][:200]
+            self.stats.compile_fallback = f"{type(e).__name__}: {first}"
+            log.warning("codetune: torch.compile of the decode step failed (%s); decoding uncompiled",
+                        self.stats.compile_fallback)
+            return self._eager_forward(slot.cache, x)
 
     def _graph_off(self, why: str) -> None:
         self._graphs, self.stats.fallback = False, why

@@ -165,3 +165,34 @@ def test_cli_decode_flag(lora_adapter, capsys):
     assert main([*common, "--decode", "graph"]) == 2
     err = capsys.readouterr().err
     assert "needs a CUDA device" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_eager_loops_ids(tuned):
+    """--decode compiled (torch.compile'd one-token step; on the CPU without graphs): the same greedy ids as
+    the eager loop, the step compiled rather than fallen back (~30 s of CPU: inductor compiles it)."""
+    model, tok = tuned
+    decoder = Decoder(model, "compiled")
+    for name in ("short", "fim"):
+        prompt = prompts(tok)[name]
+        params = SamplingParams(max_new_tokens=12)
+        assert ids(model, tok, prompt, params, decoder) == ids(model, tok, prompt, params), name
+    assert decoder.stats.compile_fallback is None, decoder.stats.compile_fallback
+    assert decoder.describe() == "static KV cache, torch.compile'd step"
+
+
+def test_compiled_step_falls_back_when_the_compiler_fails(tuned, monkeypatch, caplog):
+    model, tok = tuned
+    decoder = Decoder(model, "compiled")
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("inductor: no C++ compiler\nmore")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    prompt, params = prompts(tok)["short"], SamplingParams(max_new_tokens=6)
+    with caplog.at_level(logging.WARNING, logger="codetune.decode"):
+        assert ids(model, tok, prompt, params, decoder) == ids(model, tok, prompt, params)
+    assert decoder.stats.compile_fallback == "RuntimeError: inductor: no C++ compiler"
+    assert sum("torch.compile of the decode step failed" in r.getMessage() for r in caplog.records) == 1
+    assert decoder.describe() == "static KV cache"
