@@ -26,7 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import cache_kwarg, capture_step, rewind, static_unsupported, step_attention
+from codetune.model.static_cache import (
+    STEP_SDPA,
+    cache_kwarg,
+    capture_step,
+    rewind,
+    static_unsupported,
+    step_attention,
+)
 
 log = logging.getLogger("codetune.decode")
 
@@ -96,8 +103,12 @@ class Decoder:
     resolved here, a mode that cannot run is a ValueError); holds the static caches and graphs for reuse
     across calls."""
 
-    def __init__(self, model, mode: str = "auto"):
+    def __init__(self, model, mode: str = "auto", step_sdpa: tuple[str, ...] = STEP_SDPA):
+        """`step_sdpa`: the SDPA backends of the static-cache step (model/static_cache.step_attention; the
+        default is what generate and serve run, another set is bench/decode_bench.py's A/B)."""
+        step_attention(step_sdpa)  # (a bad set is refused here, not at the first step)
         self.model, self.mode, self.stats = model, resolve_mode(mode, model), DecodeStats()
+        self.step_sdpa = step_sdpa
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._generation = 0
         on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
@@ -144,7 +155,7 @@ class Decoder:
         return self._eager_forward(slot.cache, x)
 
     def _eager_forward(self, cache, x: torch.Tensor) -> torch.Tensor:
-        with step_attention():
+        with step_attention(self.step_sdpa):
             out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
         return out.logits
 

@@ -57,14 +57,25 @@ def _tf_version() -> str:
     return transformers.__version__
 
 
-def step_attention():
-    """The SDPA backends a static-cache step runs with: all but cuDNN's. On an H200 (torch 2.11) cuDNN
-    attention gave the same bf16 inputs a result one ulp apart on another stream, so a captured step never
-    matched its eager reference and bf16 decoding lost its graphs; flash, memory-efficient and math
-    attention are stream-independent (bench/graph_exactness.py, bench/results/decode_h200_2026-12-01_s7.md)."""
+STEP_SDPA = ("flash", "efficient", "math")  # SDPA backends a static-cache step may use (see step_attention)
+
+
+def step_attention(backends: tuple[str, ...] = STEP_SDPA):
+    """The SDPA backends a static-cache step runs with: by default all but cuDNN's. On an H200 (torch 2.11)
+    cuDNN attention gave the same bf16 inputs a result one ulp apart on another stream, so a captured step
+    never matched its eager reference and bf16 decoding lost its graphs; flash, memory-efficient and math
+    attention are stream-independent (bench/graph_exactness.py, bench/results/decode_h200_2026-12-01_s7.md).
+    `backends`, a subset of STEP_SDPA, is bench/decode_bench.py's A/B (--step-sdpa): with the cache's mask
+    the memory-efficient kernel runs, which has one query a head to spread over the GPU; math attention's
+    batched products may do better on long caches (unmeasured)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "math": SDPBackend.MATH}
+    bad = [b for b in backends if b not in names]
+    if bad or not backends:
+        raise ValueError(f"step SDPA backends {backends!r}: choose from {', '.join(STEP_SDPA)}")
+    return sdpa_kernel([names[b] for b in backends])
 
 
 @dataclass

@@ -50,3 +50,20 @@ def test_rewind_on_this_transformers_static_cache():
     assert int(cache.get_seq_length()) == 5
     rewind(cache)
     assert int(cache.get_seq_length()) == 4
+
+
+def test_step_attention_takes_a_subset_of_its_backends_and_refuses_others():
+    import torch.nn.functional as F
+
+    from codetune.model.static_cache import step_attention
+
+    q = torch.randn(1, 2, 1, 8)
+    k = v = torch.randn(1, 2, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False]])  # (query, key)
+    with step_attention():
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with step_attention(("math",)):
+        torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ref)
+    for bad in ((), ("cudnn",)):
+        with pytest.raises(ValueError, match="choose from flash, efficient, math"):
+            step_attention(bad)
