@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=40, help="per phase, after the warm-up requests")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests first")
     p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--typing", action="store_true", help="each request's prefix a few characters longer than the "
+                   "last one's, as an editor sends them while you type (what serve --reuse-prefix is for); "
+                   "default: every request the same")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for the server to come up")
     p.add_argument("--server-log", default=None, help="default: a file beside the system temp folder")
     a = p.parse_args(argv)
@@ -96,6 +99,14 @@ def start_server(a, port: int, log_path: Path) -> subprocess.Popen:
     raise SystemExit(f"codetune serve did not answer /health within {a.start_timeout:g} s; see {log_path}")
 
 
+TYPED = "    result = normalise(data)\n    if not result:\n        raise ValueError(path)\n"
+
+
+def typed(prefix: str, i: int, typing: bool) -> str:
+    """The i-th request's prefix: with typing, the text typed so far (3 more characters a request)."""
+    return prefix + (TYPED * (1 + 3 * i // len(TYPED)))[:3 * i] if typing else prefix
+
+
 def one_request(client, prefix: str, suffix: str, new: int) -> dict:
     t0 = time.perf_counter()
     r = client.completions.create(model="bench", prompt=prefix, suffix=suffix, max_tokens=new, temperature=0)
@@ -118,14 +129,15 @@ def summary(phase: str, done: list[dict], failed: list[str], seconds: float, cli
             "tokens_per_s": round(sum(d["tokens"] for d in done) / seconds, 1) if seconds else None}
 
 
-def run_phase(client, phase: str, clients: int, requests: int, prefix: str, suffix: str, new: int) -> dict:
+def run_phase(client, phase: str, clients: int, requests: int, prefix: str, suffix: str, new: int,
+              typing: bool = False) -> dict:
     done, failed, lock = [], [], threading.Lock()
     per = [requests // clients + (i < requests % clients) for i in range(clients)]
 
     def worker(n: int) -> None:
-        for _ in range(n):
+        for i in range(n):
             try:
-                d = one_request(client, prefix, suffix, new)
+                d = one_request(client, typed(prefix, i, typing), suffix, new)
                 with lock:
                     done.append(d)
             except Exception as e:  # noqa: BLE001 - a failed request is counted and named, not fatal
@@ -156,11 +168,11 @@ def main(argv=None) -> int:
         for _ in range(a.warmup):  # kernels, the static cache, graph capture
             one_request(client, prefix, suffix, a.new_tokens)
         head = {"bench": "serve", "model": a.model, "precision": a.precision, "decode": a.decode,
-                "serve_flags": a.serve_flags, "new_tokens": a.new_tokens, "prefix_tokens": a.prefix_tokens,
+                "serve_flags": a.serve_flags, "typing": a.typing, "new_tokens": a.new_tokens, "prefix_tokens": a.prefix_tokens,
                 "suffix_tokens": a.suffix_tokens, "server_log": str(log_path)}
-        single = run_phase(client, "one client", 1, a.requests, prefix, suffix, a.new_tokens)
+        single = run_phase(client, "one client", 1, a.requests, prefix, suffix, a.new_tokens, a.typing)
         print(json.dumps({**head, **single}), flush=True)
-        many = run_phase(client, f"{a.clients} clients", a.clients, a.requests, prefix, suffix, a.new_tokens)
+        many = run_phase(client, f"{a.clients} clients", a.clients, a.requests, prefix, suffix, a.new_tokens, a.typing)
         many["aggregate_vs_one_client"] = (round(many["tokens_per_s"] / single["tokens_per_s"], 2)
                                            if single["tokens_per_s"] and many["tokens_per_s"] else None)
         print(json.dumps({**head, **many}), flush=True)

@@ -121,10 +121,11 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, temperature: fl
                          decoder=decoder).text
 
 
-def make_decoder(model, mode: str) -> Decoder:
-    """The --decode flag's Decoder; a mode that cannot run here is a one-line ConfigError."""
+def make_decoder(model, mode: str, reuse_prefix: bool = False) -> Decoder:
+    """The --decode flag's Decoder (serve's --reuse-prefix too); a mode that cannot run here is a one-line
+    ConfigError."""
     try:
-        return Decoder(model, mode)
+        return Decoder(model, mode, reuse_prefix=reuse_prefix)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

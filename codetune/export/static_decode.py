@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,7 @@ from codetune.model.static_cache import (
     cache_kwarg,
     capture_step,
     rewind,
+    set_length,
     static_unsupported,
     step_attention,
 )
@@ -48,6 +49,7 @@ DECODE_HELP = ("how tokens are decoded: static (preallocated KV cache), graph (s
 DECODE_FLAG = (("--decode",), dict(choices=DECODE_MODES, default="auto", help=DECODE_HELP))
 
 MIN_BUCKET = 256  # below this a smaller cache saves nothing worth a separate graph
+MIN_REUSE = 32  # shortest shared prefix worth keeping in the cache (reuse_prefix)
 MAX_SLOTS = 2  # buckets kept at once (each holds a full KV cache of its length, and its graph)
 
 
@@ -86,6 +88,7 @@ class DecodeStats:
     eager_steps: int = 0  # one-token steps run without a graph (static cache)
     fallback: str | None = None  # why graphs were turned off, if they were
     compile_fallback: str | None = None  # why mode compiled runs uncompiled, if it does
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the previous generation (reuse_prefix)
 
 
 @dataclass
@@ -96,6 +99,7 @@ class _Slot:
     graph: object | None = None  # torch.cuda.CUDAGraph
     logits: torch.Tensor | None = None  # the graph's output buffer
     tried: bool = False  # capture attempted (once per slot)
+    ids: list[int] = field(default_factory=list)  # whose keys and values the cache holds, from position 0
 
 
 class Decoder:
@@ -103,12 +107,18 @@ class Decoder:
     resolved here, a mode that cannot run is a ValueError); holds the static caches and graphs for reuse
     across calls."""
 
-    def __init__(self, model, mode: str = "auto", step_sdpa: tuple[str, ...] = STEP_SDPA):
+    def __init__(self, model, mode: str = "auto", step_sdpa: tuple[str, ...] = STEP_SDPA, reuse_prefix: bool = False):
         """`step_sdpa`: the SDPA backends of the static-cache step (model/static_cache.step_attention; the
-        default is what generate and serve run, another set is bench/decode_bench.py's A/B)."""
+        default is what generate and serve run, another set is bench/decode_bench.py's A/B). `reuse_prefix`:
+        a prompt that starts with what the slot's cache holds (the previous prompt and its completion, at
+        least MIN_REUSE tokens of it) reads only the rest: an editor's requests as you type share the
+        file's text before the cursor. The kept keys and values were computed in another pass, so the
+        logits equal a full prefill's to rounding, not bit for bit (serve --reuse-prefix, opt-in)."""
         step_attention(step_sdpa)  # (a bad set is refused here, not at the first step)
         self.model, self.mode, self.stats = model, resolve_mode(mode, model), DecodeStats()
-        self.step_sdpa = step_sdpa
+        self.step_sdpa, self.reuse_prefix = step_sdpa, reuse_prefix
+        if reuse_prefix and self.mode == "eager":
+            raise ValueError("reusing a prompt prefix needs the static KV cache; use --decode static or graph")
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
         self._generation = 0
         on_cuda = model.get_input_embeddings().weight.device.type == "cuda"
@@ -116,6 +126,10 @@ class Decoder:
         self._compiled = None  # the compiled one-token step, made at its first use (mode compiled)
 
     def describe(self) -> str:
+        reuse = ", reusing prompt prefixes" if self.reuse_prefix else ""
+        return self._describe() + reuse
+
+    def _describe(self) -> str:
         if self.mode == "eager":
             return "eager (dynamic KV cache)"
         if self.mode == "compiled" and self.stats.compile_fallback is None:
@@ -204,11 +218,37 @@ class _StaticSteps:
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check()
-        self.slot.cache.reset()  # zeroed in place: the graph keeps pointing at the same buffers
-        return self.d._forward(self.slot, input_ids)[:, -1, :]
+        slot, ids = self.slot, input_ids[0].tolist()
+        keep = self._reusable(ids) if self.d.reuse_prefix else 0
+        slot.ids = []  # (until this pass has run: a failed one leaves nothing to reuse)
+        if keep:
+            set_length(slot.cache, keep)
+            self.d.stats.reused_tokens += keep
+            logits = self.d._forward(slot, input_ids[:, keep:])
+        else:
+            slot.cache.reset()  # zeroed in place: the graph keeps pointing at the same buffers
+            logits = self.d._forward(slot, input_ids)
+        slot.ids = ids if self.d.reuse_prefix else []
+        return logits[:, -1, :]
+
+    def _reusable(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the slot's cache already holds (0 below MIN_REUSE); at least one
+        token is left to read, for its logits."""
+        n = 0
+        for a, b in zip(self.slot.ids, ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n if n >= MIN_REUSE else 0
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         self._check()
+        logits = self._step(token)
+        if self.d.reuse_prefix:  # its keys and values are in the cache now (generate_ids has read the id)
+            self.slot.ids.append(int(token))
+        return logits
+
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
         slot, d = self.slot, self.d
         slot.token.copy_(token.view(1, 1))
         if slot.graph is not None and d._graphs:

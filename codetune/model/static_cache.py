@@ -51,6 +51,14 @@ def rewind(cache, tokens: int = 1) -> None:
                             "no crop() and no cumulative_length; use --decode eager")
 
 
+def set_length(cache, length: int) -> None:
+    """Put a transformers StaticCache's write position at `length` (the keys and values before it are kept,
+    those after are overwritten as the cache fills again), in place: a captured graph reads this counter.
+    Needs an initialized cache (one forward has run through it)."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
 def _tf_version() -> str:
     import transformers
 

@@ -45,6 +45,11 @@ CLI_FLAGS = [
     DECODE_FLAG,
     (("--max-batch",), dict(type=int, default=1, metavar="N", help=f"{MAX_BATCH_HELP} (default: 1)")),
     (("--batch-context",), dict(type=int, default=None, metavar="POSITIONS", help=BATCH_CONTEXT_HELP)),
+    (("--reuse-prefix",), dict(action="store_true", help="keep the last request's keys and values and read only "
+                               "what a new prompt adds after their shared start (an editor's requests as you type "
+                               "share the file before the cursor); one request at a time, static KV cache "
+                               "(--decode static or graph); equal to a full prefill to rounding; experimental, "
+                               "unmeasured on a GPU (default: off)")),
 ]
 
 
@@ -300,7 +305,9 @@ def engine_decoding(model, ns: argparse.Namespace) -> dict:
     if ns.max_batch == 1:
         if ns.batch_context is not None:
             raise ConfigError("--batch-context sizes the running batch: use it with --max-batch above 1")
-        return dict(decoder=make_decoder(model, ns.decode))
+        return dict(decoder=make_decoder(model, ns.decode, reuse_prefix=ns.reuse_prefix))
+    if ns.reuse_prefix:
+        raise ConfigError("--reuse-prefix keeps one request's cache: use it with --max-batch 1")
     if ns.batch_context is not None and not 1 <= ns.batch_context <= max_context(model):
         raise ConfigError(f"--batch-context={ns.batch_context}: must be between 1 and the model's context "
                           f"({max_context(model)})")

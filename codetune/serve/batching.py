@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import cache_kwarg, graphed_step, static_unsupported, step_attention
+from codetune.model.static_cache import cache_kwarg, graphed_step, set_length, static_unsupported, step_attention
 
 log = logging.getLogger("codetune.serve")
 
@@ -263,8 +263,7 @@ class BatchScheduler:
         mask[:ticket.start] = 0
 
     def _set_p(self, p: int) -> None:
-        for layer in self._slot.cache.layers:
-            layer.cumulative_length.fill_(p)  # in place: a captured graph reads this counter
+        set_length(self._slot.cache, p)
         self._p = p
 
     def _relayout(self, new_p: int) -> None:

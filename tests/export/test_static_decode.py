@@ -196,3 +196,32 @@ def test_compiled_step_falls_back_when_the_compiler_fails(tuned, monkeypatch, ca
     assert decoder.stats.compile_fallback == "RuntimeError: inductor: no C++ compiler"
     assert sum("torch.compile of the decode step failed" in r.getMessage() for r in caplog.records) == 1
     assert decoder.describe() == "static KV cache"
+
+
+def test_reused_prefix_gives_the_eager_loops_ids(tuned):
+    """reuse_prefix: requests as an editor sends them while you type (one file, the cursor moving on) read
+    only what differs from what the cache holds; each gives the ids of the eager loop run alone."""
+    model, tok = tuned
+    decoder = Decoder(model, "static", reuse_prefix=True)
+    head = CODE * 3
+    requests = [fim_ids(tok, head + "def add(a, b):\n    ", "\n    return c\n"),
+                fim_ids(tok, head + "def add(a, b):\n    c = ", "\n    return c\n"),  # typed on
+                fim_ids(tok, "import re\n" + head, "\n")]  # another file: nothing shared at its start
+    params = SamplingParams(max_new_tokens=12)
+    reused = []
+    for prompt in requests:
+        before = decoder.stats.reused_tokens
+        assert ids(model, tok, prompt, params, decoder) == ids(model, tok, prompt, params)
+        reused.append(decoder.stats.reused_tokens - before)
+    assert reused[0] == 0 and reused[1] >= 32 and reused[2] == 0, reused
+    # the prompt and its completion stay reusable: the same prompt again reads only its last token
+    prompt = requests[2]
+    out = ids(model, tok, prompt, params, decoder)
+    assert decoder.stats.reused_tokens - sum(reused) == len(prompt) - 1
+    assert ids(model, tok, prompt + out[:5], params, decoder) == ids(model, tok, prompt + out[:5], params)
+
+
+def test_reuse_prefix_needs_the_static_cache(tuned):
+    model, _ = tuned
+    with pytest.raises(ValueError, match="needs the static KV cache"):
+        Decoder(model, "eager", reuse_prefix=True)

@@ -174,6 +174,8 @@ def test_a_prompt_past_the_batch_context_is_refused(tiny_model, engine):
     (["--batch-context", "64"], "use it with --max-batch above 1"),
     (["--max-batch", "2", "--batch-context", "0"], "--batch-context=0"),
     (["--max-batch", "2", "--decode", "eager"], "not --decode eager"),
+    (["--max-batch", "2", "--reuse-prefix"], "--reuse-prefix keeps one request's cache"),
+    (["--reuse-prefix", "--decode", "eager"], "needs the static KV cache"),
 ])
 def test_flags_refuse_what_cannot_run(tiny_model, argv, match):
     from codetune.cli import build_parser
@@ -191,6 +193,7 @@ def test_flags_choose_the_running_batch(tiny_model, capsys):
 
     parse = build_parser().parse_args
     assert set(engine_decoding(tiny_model[0], parse(["serve"]))) == {"decoder"}
+    assert engine_decoding(tiny_model[0], parse(["serve", "--reuse-prefix"]))["decoder"].reuse_prefix
     kw = engine_decoding(tiny_model[0], parse(["serve", "--max-batch", "8", "--batch-context", "512"]))
     assert kw == dict(max_batch=8, batch_context=512, batch_graphs=False)  # on the CPU: no graphs
     with pytest.raises(SystemExit):
