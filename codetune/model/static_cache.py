@@ -1,7 +1,9 @@
-"""What static-KV-cache decoding needs from the model, for both stages that decode through one
-(export/static_decode.py: one stream, for generate and serve; eval/batch_decode.py: eval's batches):
-whether the model takes a static cache, the name its forward gives the cache, rewinding the cache, and
-the capture of a one-token step as a CUDA graph, checked exact against the eager step (exact-or-fallback)."""
+"""What static-KV-cache decoding needs from the model, for every decoder that runs through one
+(export/static_decode.py: one stream, for generate and serve; eval/batch_decode.py: eval's batches;
+serve/batching.py: serve's running batch): whether the model takes a static cache, the name its forward
+gives the cache, moving the cache's write position (rewind, set_length), the SDPA backends of a step
+(step_attention), and the capture of a one-token step as a CUDA graph, checked exact against the eager
+step (capture_step; graphed_step for the batched decoders: exact-or-fallback)."""
 
 from __future__ import annotations
 
