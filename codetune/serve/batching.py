@@ -60,16 +60,20 @@ def check_batching(model, decode: str) -> None:
                          "use --decode static, graph or auto, or --max-batch 1")
 
 
-def cache_bytes(model, rows: int, length: int) -> int:
-    """What the running batch's KV cache takes: rows x length x layers x (keys, values) x kv heads x
-    head dim x the model's element size."""
+def _kv_shape(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the model's KV cache."""
     from codetune.model.adapters import causal_lm
 
     c = causal_lm(model).config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    size = model.get_input_embeddings().weight.element_size()
-    return rows * length * c.num_hidden_layers * 2 * heads * head_dim * size
+    return c.num_hidden_layers, heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def cache_bytes(model, rows: int, length: int) -> int:
+    """What the running batch's KV cache takes: rows x length x layers x (keys, values) x kv heads x
+    head dim x the model's element size (its embeddings' dtype: the activations')."""
+    layers, heads, head_dim = _kv_shape(model)
+    return rows * length * layers * 2 * heads * head_dim * model.get_input_embeddings().weight.element_size()
 
 
 @dataclass
@@ -135,6 +139,7 @@ class BatchScheduler:
         self._slot = _Slot(StaticCache(config=causal_lm(self.model).config, max_cache_len=self.length),
                            torch.zeros((self.rows, 1), **z), torch.zeros((self.rows, 1), **z),
                            torch.ones((self.rows, self.length), **z))
+        self._allocate()
         self._kw = cache_kwarg(self.model)
         self._rows: list[_Ticket | None] = [None] * self.rows  # who holds each row
         self._joins: list[_Ticket] = []
@@ -143,6 +148,26 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="codetune-batch", daemon=True)
         self._thread.start()
+
+    def _allocate(self) -> None:
+        """The KV cache's memory now, not at the first request: a cache that does not fit beside the model
+        is a one-line error before the server listens, naming the fix, instead of a 500 later."""
+        from codetune.config import ConfigError
+
+        _, heads, head_dim = _kv_shape(self.model)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        probe = torch.zeros((self.rows, heads, 1, head_dim), dtype=dtype, device=self.device)
+        try:
+            for layer in self._slot.cache.layers:
+                layer.lazy_initialization(probe, probe)
+        except torch.cuda.OutOfMemoryError:
+            self._slot = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            gb = cache_bytes(self.model, self.rows, self.length) / 1e9
+            raise ConfigError(f"--max-batch {self.rows} x --batch-context {self.length}: the running batch's KV cache "
+                              f"({gb:.2g} GB) does not fit in GPU memory beside the model; lower --max-batch or "
+                              "--batch-context") from None
 
     def describe(self) -> str:
         how = "CUDA graphs" if self.graphs else (f"no CUDA graphs: {self.stats.fallback}" if self.stats.fallback

@@ -248,3 +248,26 @@ def test_a_failed_step_fails_its_rows_and_the_batch_serves_on(tiny_model, engine
         eng.submit([ids], [params]).future.result(timeout=30)
     assert same(eng.submit([ids], [params]).future.result(timeout=30)[0], alone(tiny_model, ids, params))
     assert eng.pending == 0
+
+
+def test_the_cache_is_allocated_at_start_and_one_that_does_not_fit_is_one_line(tiny_model, monkeypatch):
+    """The running batch's KV cache takes its memory when the server starts, so a --max-batch x
+    --batch-context too big for the GPU stops `codetune serve` with the fix instead of failing requests."""
+    import torch
+    from transformers.cache_utils import StaticLayer
+
+    from codetune.config import ConfigError
+
+    s = BatchScheduler(tiny_model[0], 3, 128)
+    try:
+        assert all(layer.is_initialized for layer in s._slot.cache.layers)
+        assert tuple(s._slot.cache.layers[0].keys.shape[:1]) == (3,) and s._slot.cache.layers[0].keys.shape[2] == 128
+    finally:
+        s.close()
+
+    def oom(self, *a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB")
+    monkeypatch.setattr(StaticLayer, "lazy_initialization", oom)
+    with pytest.raises(ConfigError, match=r"--max-batch 4 x --batch-context 256: the running batch's KV cache .* "
+                                          r"does not fit in GPU memory beside the model; lower --max-batch"):
+        Engine(*tiny_model, max_batch=4, batch_context=256)
