@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from model_source import add_model_flags, model_config, model_error  # noqa: E402
 
 MODES = ("codetune-eager", "codetune-static", "codetune-graph", "codetune-compiled", "hf-dynamic", "hf-static")
 CASES = {"a": (2000, 0, 32), "b": (32, 0, 128), "c": (1500, 500, 32)}  # prefix tokens, suffix tokens, new
@@ -45,10 +47,7 @@ CODE = ("import json\nfrom pathlib import Path\n\n\ndef read_config(path: Path) 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", default="tests/fixtures/gpt-neox-20b.json")
-    p.add_argument("--model", default="stable-code-3b", help="registry name (tiny-stablelm for the CPU self-check)")
-    p.add_argument("--model-dir", default=None, help="a trained model folder (codetune merge's output, e.g. bench/quality's "
-                   "runs/quality/pretrained) with its own tokenizer, instead of the random-init --model: trained "
-                   "weights have real logit margins, where greedy ids of every path must equal the eager loop's")
+    add_model_flags(p, "the CPU self-check")
     p.add_argument("--precisions", nargs="+", default=None, help="default: bf16 nf4 on CUDA, fp32 on the CPU")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -155,13 +154,10 @@ def gap_ulps(gap: float, top: float) -> float:
 
 
 def measure(a, precision: str, device: torch.device) -> None:
-    from codetune.config import ModelConfig
     from codetune.export.generate import load_for_inference
     from codetune.export.static_decode import Decoder
 
-    cfg = (ModelConfig(model=a.model_dir, random_init=False, precision=precision) if a.model_dir else
-           ModelConfig(model=a.model, random_init=True, precision=precision, tokenizer=a.tokenizer))
-    cfg.validate()
+    cfg = model_config(a, precision)
     t = time.perf_counter()
     model, tok, _ = load_for_inference(cfg, None, device)
     load_s = time.perf_counter() - t
@@ -228,12 +224,9 @@ def main(argv=None) -> int:
     from codetune.train.memory import cap_vram
 
     a = parse_args(argv)
-    if a.model_dir and not (Path(a.model_dir) / "config.json").is_file():
-        print(f"--model-dir {a.model_dir}: no config.json there; give a model folder (codetune merge's output)",
-              file=sys.stderr)
-        return 2
-    if not a.model_dir and not Path(a.tokenizer).exists():
-        print(f"--tokenizer {a.tokenizer}: no such file", file=sys.stderr)
+    error = model_error(a)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     device = pick_device(a.device)
     cap_vram(a.max_vram, device)

@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from model_source import add_model_flags, model_config, model_error  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,10 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or folder) of the stable-code / GPT-NeoX family "
                    "(required without --model-dir)")
     p.add_argument("--out", required=True, help="JSON result file")
-    p.add_argument("--model", default="stable-code-3b", help="registry name (tiny-stablelm for a CPU smoke test)")
-    p.add_argument("--model-dir", default=None, help="a trained model folder (codetune merge's output) with its own "
-                   "tokenizer instead of the random-init --model: its pass@1 means something, and every decode mode "
-                   "must give the same completions and scores")
+    add_model_flags(p, "a CPU smoke test")
     p.add_argument("--precision", default="auto", choices=("auto", "nf4", "bf16", "fp16", "fp32"))
     p.add_argument("--max-vram", default=None, help="cap this process's GPU memory, e.g. 10GiB (the 10 GB preset)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
@@ -76,18 +75,14 @@ def versions() -> dict:
 
 
 def main(argv=None) -> int:
-    from codetune.config import ModelConfig
     from codetune.eval import humaneval
     from codetune.eval.generation import EVAL_DECODE_MODES, GenSettings, GenStats, generate
     from codetune.eval.run import load_base
 
     a = parse_args(argv)
-    if a.model_dir and not (Path(a.model_dir) / "config.json").is_file():
-        print(f"--model-dir {a.model_dir}: no config.json there; give a model folder (codetune merge's output)",
-              file=sys.stderr)
-        return 2
-    if not a.model_dir and not (a.tokenizer and Path(a.tokenizer).exists()):
-        print(f"--tokenizer {a.tokenizer}: no such file (needed for the random-init --model)", file=sys.stderr)
+    error = model_error(a)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     modes = [m.strip() for m in a.decode.split(",") if m.strip()]
     bad = [m for m in modes if m not in EVAL_DECODE_MODES] or ([] if modes else ["(none)"])
@@ -97,9 +92,7 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     frac = cap_memory(a.max_vram, device)
-    cfg = (ModelConfig(model=a.model_dir, random_init=False, precision=a.precision) if a.model_dir else
-           ModelConfig(model=a.model, random_init=True, precision=a.precision, tokenizer=a.tokenizer))
-    cfg.validate()
+    cfg = model_config(a, a.precision)
     t = time.perf_counter()
     model, tok = load_base(cfg, data_dir="", device=device)
     load_s = time.perf_counter() - t
