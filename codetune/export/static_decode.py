@@ -218,8 +218,9 @@ class _StaticSteps:
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check()
-        slot, ids = self.slot, input_ids[0].tolist()
-        keep = self._reusable(ids) if self.d.reuse_prefix else 0
+        slot = self.slot
+        ids = input_ids[0].tolist() if self.d.reuse_prefix else []  # (read back only where it is kept)
+        keep = self._reusable(ids) if ids else 0
         slot.ids = []  # (until this pass has run: a failed one leaves nothing to reuse)
         if keep:
             set_length(slot.cache, keep)
@@ -228,7 +229,7 @@ class _StaticSteps:
         else:
             slot.cache.reset()  # zeroed in place: the graph keeps pointing at the same buffers
             logits = self.d._forward(slot, input_ids)
-        slot.ids = ids if self.d.reuse_prefix else []
+        slot.ids = ids
         return logits[:, -1, :]
 
     def _reusable(self, ids: list[int]) -> int:

@@ -265,11 +265,7 @@ class BatchScheduler:
         if n > self.length:
             raise ValueError(f"a {n}-token prompt does not fit the running batch's {self.length} positions "
                              "(--batch-context)")
-        layers = self._slot.cache.layers
-        if not layers[0].is_initialized:  # allocated at the first join, in the prompt's dtype and heads
-            for layer, src in zip(layers, past.layers):
-                layer.lazy_initialization(src.keys.expand(self.rows, -1, -1, -1),
-                                          src.values.expand(self.rows, -1, -1, -1))
+        layers = self._slot.cache.layers  # (allocated at start-up: _allocate)
         if not self._live():
             self._set_p(n)
         elif n > self._p:
