@@ -42,7 +42,7 @@ CLI_FLAGS = [
                     "help": "replace a --data-dir that holds files prepare did not write (deleting them)"}),
     (("--json",), {"action": "store_true", "help": "print the closing summary as JSON (for scripts)"}),
 ]
-PIPELINE_VERSION = 4  # bump when a change alters the shards, so old runs are not reused
+PIPELINE_VERSION = 5  # bump when a change alters the shards, so old runs are not reused
 BPE_SAMPLE_BYTES = 20_000_000
 NOT_IN_KEY = ("data_dir", "workers", "write_report")  # settings that do not change the shards
 

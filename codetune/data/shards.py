@@ -181,6 +181,7 @@ class Packer:
         self.target = np.ones(writer.seq_len, dtype=bool)
         self.n = 0  # tokens in buf
         self.starts: list[int] = []
+        self.dropped = 0  # rows with no token to learn (see _flush)
 
     def add_document(self, ids, target: np.ndarray | None = None) -> None:
         """Raw code (`target` None) is followed by EOS and every token carries loss. A chat document
@@ -209,6 +210,13 @@ class Packer:
         if n_real == 0:
             return
         starts = self.starts
+        if not self.target[:n_real].all() and not _has_label(self.target, starts, n_real):
+            # every next-token target here is a prompt's (a chat prompt longer than a row): the row would
+            # cost a forward and backward and teach nothing, and a step made only of such rows has no loss
+            # at all. The response's row that follows cannot see this one anyway (rows are independent).
+            self.dropped += 1
+            self.n, self.starts = 0, []
+            return
         if n_real < self.w.seq_len:
             starts = starts + [n_real]  # padding is its own "document": no attention into it, no loss
             self.buf[n_real:] = self.pad
@@ -218,7 +226,18 @@ class Packer:
 
     def finish(self) -> dict:
         self._flush()
+        if self.dropped:
+            self.w.meta["dropped_rows_without_targets"] = self.dropped
         return self.w.close()
+
+
+def _has_label(target: np.ndarray, starts: list[int], n_real: int) -> bool:
+    """Whether a packed row gives positions_and_labels any label: some position t + 1 < n_real carries
+    loss and continues the document of t."""
+    nxt = target[1:n_real].copy()
+    inner = [s - 1 for s in starts if 0 < s < n_real]
+    nxt[inner] = False
+    return bool(nxt.any())
 
 
 class PackedDataset(torch.utils.data.Dataset):

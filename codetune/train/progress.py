@@ -27,7 +27,8 @@ class Progress:
 
     @staticmethod
     def _stats(rec: dict) -> str:
-        parts = [f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}", f"{rec.get('tok_per_s', 0):,.0f} tok/s"]
+        loss = f"loss {rec['loss']:.4f}" if "loss" in rec else "skipped (no target token)"
+        parts = [loss, f"lr {rec['lr']:.2e}", f"{rec.get('tok_per_s', 0):,.0f} tok/s"]
         if "val_loss" in rec:
             parts.append(f"val {rec['val_loss']:.4f}")
         if "alloc_gib" in rec:

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -184,9 +185,18 @@ def _train_step(run: Run, step: int) -> dict:
 
     tcfg, acc = run.cfgs["train"], run.accelerator
     micro = [run.train_stream.batch(step * tcfg.grad_accum + i) for i in range(tcfg.grad_accum)]
-    n_tgt = torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=run.device)
+    n_local = int(sum((b["labels"] != -100).sum() for b in micro))  # (labels are on the host: no sync)
+    n_tgt = torch.tensor(float(n_local), device=run.device)
     if acc.num_processes > 1:
         n_tgt = acc.reduce(n_tgt, reduction="sum")
+    if (n_tgt.item() if acc.num_processes > 1 else n_local) == 0:
+        # no token of this step's batch is a target (e.g. a set prepared before prepare dropped such rows):
+        # there is no loss to follow, and an optimizer step would still move the weights (weight decay,
+        # AdamW's momentum). Every process sees the same global count, so all skip together.
+        with warnings.catch_warnings():  # ("scheduler.step() before optimizer.step()": on purpose here)
+            warnings.simplefilter("ignore", UserWarning)
+            run.scheduler.step()  # the schedule stays a function of the step number (resume relies on it)
+        return {"lr": run.scheduler.get_last_lr()[0], "tokens": 0, "skipped": "no target token in the batch"}
     # DDP averages gradients over processes; scaling by world size turns that into a global token sum.
     scale = acc.num_processes / n_tgt.clamp(min=1)
     loss_sum = 0.0
@@ -255,7 +265,7 @@ def fit(run: Run) -> dict:
             for step in range(run.start_step, tcfg.steps):
                 ts = time.perf_counter()
                 rec = train_step(run, step)
-                if not math.isfinite(rec["loss"]):  # (already a float: no extra sync)
+                if not math.isfinite(rec.get("loss", 0.0)):  # (already a float: no extra sync)
                     raise Diverged(step + 1, f"the loss is {rec['loss']}", run.out_dir)
                 dt = time.perf_counter() - ts
                 tokens_seen += rec["tokens"]

@@ -146,16 +146,31 @@ def test_loss_positions_are_exact_through_packing(tmp_path, tok):
         stream += [(int(a), b, n) for a, b in zip(ids, t)] + ([(0, True, n)] if target is None else [])
     meta = packer.finish()
     assert meta["loss_mask"] is True
-    ds = PackedDataset(tmp_path, "train")
-    n_targets = 0
-    for i in range(len(ds)):
-        item = ds[i]
-        chunk = stream[i * seq_len:(i + 1) * seq_len]
+    rows = []  # the labels of each cut of the stream; a cut with none is dropped by the packer
+    for i in range(0, len(stream), seq_len):
+        chunk = stream[i:i + seq_len]
         expect = [chunk[p + 1][0] if p + 1 < len(chunk) and chunk[p + 1][1] and chunk[p + 1][2] == chunk[p][2]
                   else IGNORE for p in range(seq_len)]
-        assert item["labels"].tolist() == expect
-        n_targets += int((item["labels"] != IGNORE).sum())
-    assert n_targets > 0
+        if set(expect) != {IGNORE}:
+            rows.append(expect)
+    ds = PackedDataset(tmp_path, "train")
+    assert [ds[i]["labels"].tolist() for i in range(len(ds))] == rows
+    assert meta.get("dropped_rows_without_targets", 0) == -(-len(stream) // seq_len) - len(rows)
+
+
+def test_a_row_with_no_target_token_is_dropped(tmp_path):
+    """A chat prompt longer than a row: the rows holding only prompt teach nothing (and a step made of them
+    has no loss), so they are not written; the row with the response is, and the count is in meta.json."""
+    packer = Packer(ShardWriter(tmp_path / "train", 16, 500), 0, 1)
+    packer.add_document(np.arange(5, 50), np.arange(45) >= 40)  # 40 prompt tokens, then a 5-token response
+    packer.add_document(np.arange(5, 25))  # code after it: every row it reaches has targets
+    meta = packer.finish()
+    assert meta["dropped_rows_without_targets"] == 2 and meta["n_seq"] == 3
+    ds = PackedDataset(tmp_path, "train")
+    assert ds.tokens[0][:8].tolist() == list(range(37, 45))  # the prompt's last 8 tokens, then the response
+    assert all(int((ds[i]["labels"] != IGNORE).sum()) > 0 for i in range(len(ds)))
+    # the whole response (its first token is predicted from the prompt's last), then the code's first tokens
+    assert ds[0]["labels"].tolist() == [IGNORE] * 7 + [45, 46, 47, 48, 49, IGNORE, 6, 7, IGNORE]
 
 
 def test_code_only_shards_have_no_mask_file(tmp_path):

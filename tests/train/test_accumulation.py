@@ -70,3 +70,33 @@ def test_accumulated_gradient_equals_one_batch_with_uneven_targets():
     assert abs(rec_acc["loss"] - rec_one["loss"]) < 1e-5
     for x, y in zip(g_acc, g_one):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_without_target_tokens_is_skipped_and_the_schedule_moves_on():
+    """Every micro-batch all prompt (labels all IGNORE): no forward, no optimizer step (weight decay and
+    AdamW's momentum would still move the weights), no loss in the record; the learning-rate schedule
+    advances as it would have, so the steps after it are where they would be."""
+    base, _ = load_model(build(["model"], flags={"model.random_init": True})["model"], torch.device("cpu"), vocab_size=256)
+    model = apply_adapters(base, build(["adapter"])["adapter"])
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    empty = _batch(ids, 0)
+    assert (empty["labels"] == -100).all()
+    sched_steps = []
+    cfgs = build(["train"], flags={"train.grad_accum": 2, "train.batch_size": 1, "train.max_grad_norm": 0.0})
+    opt = RecordingOptimizer(p for p in model.parameters() if p.requires_grad)
+    sched = SimpleNamespace(step=lambda: sched_steps.append(1), get_last_lr=lambda: [1e-4])
+    calls = []
+
+    def loss_fn(**kw):
+        calls.append(kw)
+        return CausalLMLoss(model)(**kw)
+
+    run = SimpleNamespace(cfgs=cfgs, peaks=PeakMeter(torch.device("cpu")), accelerator=Acc(), device=torch.device("cpu"),
+                          loss_fn=loss_fn, optimizer=opt, scheduler=sched,
+                          train_stream=SimpleNamespace(batch=lambda k: empty))
+    rec = train_step(run, 0)
+    assert "loss" not in rec and rec["tokens"] == 0 and rec["skipped"]
+    assert calls == [] and opt.grads is None and sched_steps == [1]
+    run.train_stream = SimpleNamespace(batch=lambda k: _batch(ids, 5))  # a batch with targets steps as before
+    rec = train_step(run, 1)
+    assert rec["tokens"] == 10 and rec["loss"] > 0 and opt.grads is not None and sched_steps == [1, 1]
