@@ -115,3 +115,23 @@ def test_a_model_without_results_is_left_out_not_invented(ctx):
     result = report.write(ctx)
     assert all("lora-last" not in m["models"] for m in result["metrics"])
     assert not any(c["model"] == "lora-last" for c in result["changes"])
+
+
+@pytest.mark.parametrize("qlora_loss, holds", [(1.5, True), (1.9, False)])
+def test_qlora_present_as_on_a_gpu_is_judged_against_bf16_lora(ctx, qlora_loss, holds):
+    """A GPU run has a fifth model: qlora, paired against lora-bf16 by expectation 4 (within noise)."""
+    import dataclasses
+
+    gpu = dataclasses.replace(ctx, nf4=None)
+    _fill(gpu, fim0_keeps_fim=False)
+    rng = random.Random(1)
+    _eval_folder(pipeline.eval_dir(gpu, "qlora", "domain"), qlora_loss, 0.5, 0.6, rng)
+    _eval_folder(pipeline.eval_dir(gpu, "qlora", "general"), 2.05, 0.5, 0.6, rng)
+    for s in ("domain", "general"):
+        _exec_folder(pipeline.eval_dir(gpu, "qlora", f"exec-{s}"), 20)
+    result = report.write(gpu)
+    assert result["skipped"] == [] and all("qlora" in m["models"] for m in result["metrics"])
+    assert {c["against"] for c in result["changes"] if c["model"] == "qlora"} == {"base", "lora-bf16"}
+    assert result["expectations"][3]["holds"] is holds
+    md = gpu.path("report", "results.md").read_text()
+    assert "Not run:" not in md and "| metric | n | base | qlora | lora-bf16 | lora-last | lora-fim0 |" in md
