@@ -224,12 +224,13 @@ def exec_eval(ctx: Context, model: str, held_out: list[str]) -> None:
     todo = [name for name in held_out if not (eval_dir(ctx, model, f"exec-{name}") / "results.json").exists()]
     if not todo:
         return
-    ctx.runner.check_time(f"exec-{model}")
+    name = f"exec-{model}-{'+'.join(todo)}"
     adapter = None if model == "base" else ctx.path("runs", model, "adapter")
     t0 = time.monotonic()
-    execution.run_exec(pretrained_dir(ctx), adapter, ctx.precision("bf16"),
-                       {n: (tasks_file(ctx, n), eval_dir(ctx, model, f"exec-{n}")) for n in todo}, ctx.scale)
-    ctx.runner.record(f"exec-{model}-{'+'.join(todo)}", time.monotonic() - t0, 0)
+    with ctx.runner.in_time(name):  # (in this process: a codetune command's limit is its runner's)
+        execution.run_exec(pretrained_dir(ctx), adapter, ctx.precision("bf16"),
+                           {n: (tasks_file(ctx, n), eval_dir(ctx, model, f"exec-{n}")) for n in todo}, ctx.scale)
+    ctx.runner.record(name, time.monotonic() - t0, 0)
 
 
 def stage_eval(ctx: Context) -> dict:

@@ -96,6 +96,31 @@ class Runner:
             raise StepFailed(name, rc, log)
         return seconds
 
+    @contextlib.contextmanager
+    def in_time(self, name: str):
+        """Python work of this process (execution scoring) under the limit: TimeUp when it comes, raised
+        from SIGALRM wherever the work is. Its outputs are written beside their final paths and renamed,
+        so a stop leaves only what remove_leftovers clears. Without a limit, or off the main thread (where
+        no signal can be handled), it only checks that time is left."""
+        import threading
+
+        self.check_time(name)
+        left = self.left()
+        if left is None or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(*_):
+            raise TimeUp(f"time limit reached during {name}")
+
+        old = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.001))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
     def record(self, name: str, seconds: float, returncode: int | None) -> None:
         """One line per step in logs/timings.jsonl: what the next run's time limits are planned from."""
         with open(self.logs / "timings.jsonl", "a") as f:

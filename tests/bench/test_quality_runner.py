@@ -144,3 +144,21 @@ def test_a_failed_job_names_itself_and_its_log_and_the_limit_is_a_time_up(run_jo
     with pytest.raises(TimeUp):
         call({}, limit=0.01)  # no time left: nothing starts
     assert ran == []
+
+
+def test_python_work_in_this_process_stops_at_the_limit(tmp_path):
+    """Execution scoring runs in run.py's own process (no child to SIGTERM): SIGALRM raises TimeUp inside it,
+    and the alarm is gone afterwards; without a limit nothing is armed."""
+    import signal
+
+    r = runner(tmp_path, "", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(TimeUp, match="during exec-base-domain"):
+        with r.in_time("exec-base-domain"):
+            time.sleep(5)
+    assert time.monotonic() - t0 < 2 and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with runner(tmp_path, "", None).in_time("exec"):
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with pytest.raises(TimeUp, match="before exec"):
+        with runner(tmp_path, "", 0.1).in_time("exec"):  # less than min_start_s (0.2 s here) left
+            pass
