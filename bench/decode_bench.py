@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from model_source import add_model_flags, model_config, model_error  # noqa: E402
+from model_source import add_model_flags, model_config, model_error, model_label  # noqa: E402
 
 MODES = ("codetune-eager", "codetune-static", "codetune-graph", "codetune-compiled", "hf-dynamic", "hf-static")
 CASES = {"a": (2000, 0, 32), "b": (32, 0, 128), "c": (1500, 500, 32)}  # prefix tokens, suffix tokens, new
@@ -176,8 +176,8 @@ def measure(a, precision: str, device: torch.device) -> None:
         ids, new = case_ids(tok, case), CASES[case][2]
         reference = None
         for mode in a.modes:
-            base = {"precision": precision, "case": case, "mode": mode, "prompt_tokens": len(ids), "new_tokens": new,
-                    "weight_gb": round(weight_bytes / 1e9, 3), "load_s": round(load_s, 1)}
+            base = {**model_label(a), "precision": precision, "case": case, "mode": mode, "prompt_tokens": len(ids),
+                    "new_tokens": new, "weight_gb": round(weight_bytes / 1e9, 3), "load_s": round(load_s, 1)}
             kind = mode.split("-", 1)[1]
             decoder = decoders.get(kind) if mode.startswith("codetune") else None
             if isinstance(decoder, str):

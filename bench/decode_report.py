@@ -25,7 +25,18 @@ def load(d: Path) -> dict:
     rows = [json.loads(ln)["result"] for ln in (d / "results.jsonl").read_text().splitlines() if ln.strip()]
     evals = [json.loads(f.read_text()) for f in sorted(d.glob("humaneval_compare_*.json"))]
     return {"dir": d.name, "env": env, "decode": [r for r in rows if "mode" in r],
-            "exactness": [r for r in rows if r.get("check") == "graph-exactness"], "eval": evals}
+            "exactness": [r for r in rows if r.get("check") == "graph-exactness"], "eval": evals,
+            "agreement": [r for r in rows if "kinds" in r and "modes" in r]}  # bench/decode_agreement.py
+
+
+def model_of(call: dict) -> str:
+    """The model the call's records name (decode_bench and humaneval_throughput say which), else the
+    random-init shape, which records from before they said so were all run on."""
+    names = {(r.get("model"), r.get("trained")) for r in call["decode"] + [ev["runs"][0] for ev in call["eval"] if ev["runs"]]}
+    names.discard((None, None))
+    if not names:
+        return "random-init stable-code-3b shape"
+    return ", ".join(f"trained model {m}" if trained else f"random-init {m} shape" for m, trained in sorted(names))
 
 
 def greedy_cell(r: dict) -> str:
@@ -82,8 +93,10 @@ def eval_table(call: dict) -> list[str]:
     out = []
     for ev in call["eval"]:
         c = ev["comparison"]
-        out += [f"HumanEval, first {c['problems']} problems, batch {c['batch_size']}, {c['precision']}, 384 new tokens "
-                "each (random weights never stop early):", "",
+        run0 = ev["runs"][0] if ev["runs"] else {}
+        budget = f"up to {run0['max_new_tokens']} new tokens each" if "max_new_tokens" in run0 else "384 new tokens each"
+        out += [f"HumanEval, first {c['problems']} problems, batch {c['batch_size']}, {c['precision']}, {budget}"
+                + ("" if run0.get("trained") else " (random weights never stop early)") + ":", "",
                 "| decode | samples/s | new tokens/s | peak reserved GiB | graphs | speed-up | completions vs eager |",
                 "|---|---|---|---|---|---|---|"]
         for r in ev["runs"]:
@@ -97,6 +110,27 @@ def eval_table(call: dict) -> list[str]:
                        f"{c['speedup_vs_first'].get(r['decode'], 1.0):.2f}× | "
                        f"{'(reference)' if same is None else 'identical' if same else f'{diff} differ'} |")
         out.append("")
+    return out
+
+
+def agreement_table(call: dict) -> list[str]:
+    """FIM scores of two decode modes on the same items (bench/decode_agreement.py)."""
+    out = []
+    for r in call["agreement"]:
+        a, b = r["modes"]
+        out += [f"FIM on the same tasks, `{a}` against `{b}` (items matched by content; changes {b} − {a} with "
+                "95% intervals):", "",
+                f"| kind | items | exact {a} | exact {b} | edit sim. {a} | edit sim. {b} | predictions differing | "
+                "exact change | edit sim. change |", "|---|---|---|---|---|---|---|---|---|"]
+        for kind, k in r["kinds"].items():
+            ch = [f"{c['estimate']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+                  for c in (k["exact_change"], k["edit_similarity_change"])]
+            out.append(f"| {kind} | {k['items']} | {k[f'exact_{a}']:.1%} | {k[f'exact_{b}']:.1%} | "
+                       f"{k[f'edit_similarity_{a}']:.1%} | {k[f'edit_similarity_{b}']:.1%} | "
+                       f"{k['predictions_differing']} | {ch[0]} | {ch[1]} |")
+        verdict = ("identical predictions" if r["same_scores"] else "no significant change"
+                   if r["no_significant_change"] else "**a significant change**")
+        out += ["", f"Verdict: {verdict}.", ""]
     return out
 
 
@@ -136,7 +170,7 @@ def main() -> None:
     env = calls[0]["env"]
     lines = [f"# Inference speed — {env['gpu']}, {date}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']}, "
-             f"Python {env['python']}. Random-init stable-code-3b shape, `--max-vram 10GiB`, batch 1, warm; "
+             f"Python {env['python']}. `--max-vram 10GiB`, batch 1, warm; "
              "median latency of the repeats. Cases: " + "; ".join(f"({k}) {v}" for k, v in CASES.items()) + ". "
              "Ratios only within a call. Where greedy ids differ from codetune's eager loop, the gap is the eager loop's "
              "logits at that token, its id's against the other path's, in bf16 units in the last place: random "
@@ -145,8 +179,9 @@ def main() -> None:
              "trained tiny models by tests/export/test_static_decode.py and tests/eval/test_batch_decode*.py.", ""]
     for call in calls:
         e = call["env"]
-        lines += [f"## Call {call['dir']}: suite {e.get('suite')}, commit {e.get('commit')}", ""]
-        lines += exactness_table(call) + decode_table(call) + eval_table(call)
+        lines += [f"## Call {call['dir']}: suite {e.get('suite')}, commit {e.get('commit')}", "",
+                  f"Model: {model_of(call)}.", ""]
+        lines += exactness_table(call) + decode_table(call) + eval_table(call) + agreement_table(call)
     plot(calls, stem.with_suffix(".png"))
     lines += [f"![latency]({stem.with_suffix('.png').name})", ""]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from model_source import add_model_flags, model_config, model_error  # noqa: E402
+from model_source import add_model_flags, model_config, model_error, model_label  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     prompts = [p["prompt"] for p in problems]
     env = {
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})",
-        "model": a.model_dir or a.model, "trained": bool(a.model_dir), "precision": cfg.precision if a.precision != "auto" else ("nf4" if device.type == "cuda" else "fp32"),
+        **model_label(a), "precision": cfg.precision if a.precision != "auto" else ("nf4" if device.type == "cuda" else "fp32"),
         "max_vram": a.max_vram, "memory_fraction": frac, "problems": len(prompts), "batch_size": a.batch_size,
         "max_new_tokens": a.max_new_tokens, "load_s": round(load_s, 1), "versions": versions(),
     }

@@ -36,3 +36,8 @@ def model_config(a, precision: str):
            ModelConfig(model=a.model, random_init=True, precision=precision, tokenizer=a.tokenizer))
     cfg.validate()
     return cfg
+
+
+def model_label(a) -> dict:
+    """What each record says about the model: its folder (trained) or registry name (random init)."""
+    return {"model": a.model_dir or a.model, "trained": bool(a.model_dir)}
