@@ -6,7 +6,7 @@ the stop-string criterion runs, and the loop reads a flag back from the GPU to k
 the host waits for the device every token. Here one batch (left-padded, as `generate` gets it) runs
 through a transformers StaticCache sized once for the batch: the one-token step has fixed shapes and
 reads fixed buffers (the tokens, each row's position, the padding mask over the whole cache), so on CUDA
-it is replayed as a CUDA graph (static_decode.capture_step: the first replay must equal the eager step
+it is replayed as a CUDA graph (model/static_cache.capture_step: the first replay must equal the eager step
 bit for bit, else the static cache runs without graphs). The next token is chosen on the device; the
 host looks at the generated ids only every `check_every` steps, to cut rows at a stop string, and the
 batch ends once every row has ended (EOS, pad or a stop string) or the budget is spent.

@@ -29,8 +29,7 @@ from codetune.export.sampling import EagerSteps, max_context
 from codetune.model.static_cache import (
     STEP_SDPA,
     cache_kwarg,
-    capture_step,
-    rewind,
+    graphed_step,
     set_length,
     static_unsupported,
     step_attention,
@@ -192,17 +191,6 @@ class Decoder:
         self._graphs, self.stats.fallback = False, why
         log.warning("codetune: CUDA graphs off, decoding with the static KV cache alone: %s", why)
 
-    def _capture(self, slot: _Slot) -> torch.Tensor:
-        """Capture the slot's one-token step at the current position, check its first replay against the
-        eager step, and return the step's logits (from whichever ran). The cache ends one token on."""
-        slot.tried = True
-        got = capture_step(lambda: self._forward(slot, slot.token), lambda: rewind(slot.cache), slot.token.device)
-        if got.graph is None:
-            self._graph_off(got.why)
-            return got.logits
-        slot.graph, slot.logits = got.graph, got.logits
-        self.stats.captured += 1
-        return got.logits
 
 
 class _StaticSteps:
@@ -252,11 +240,10 @@ class _StaticSteps:
     def _step(self, token: torch.Tensor) -> torch.Tensor:
         slot, d = self.slot, self.d
         slot.token.copy_(token.view(1, 1))
-        if slot.graph is not None and d._graphs:
-            slot.graph.replay()
-            d.stats.replays += 1
-            return slot.logits[:, -1, :]
-        if d._graphs and not slot.tried:
-            return d._capture(slot)[:, -1, :]
+        if d._graphs:  # replay the slot's graph, or capture it (once: a failed capture turns graphs off)
+            logits, off = graphed_step(slot, d.stats, lambda: d._forward(slot, slot.token), slot.token.device)
+            if off:
+                d._graph_off(off)
+            return logits[:, -1, :]
         d.stats.eager_steps += 1
         return d._forward(slot, slot.token)[:, -1, :]

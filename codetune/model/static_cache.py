@@ -3,7 +3,7 @@
 serve/batching.py: serve's running batch): whether the model takes a static cache, the name its forward
 gives the cache, moving the cache's write position (rewind, set_length), the SDPA backends of a step
 (step_attention), and the capture of a one-token step as a CUDA graph, checked exact against the eager
-step (capture_step; graphed_step for the batched decoders: exact-or-fallback)."""
+step (capture_step, exact-or-fallback; graphed_step, the replay-or-capture-once rule every decoder steps by)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def capture_step(forward, rewind, device: torch.device, same_stream: bool = True
     """Capture `forward()` (a one-token step through a static cache, reading fixed input buffers) as a
     CUDA graph and check its first replay against the eager step from the same cache state. `rewind()`
     moves the cache back one token. Whatever happens, the cache ends one token on and the step's logits
-    come back; the single-stream Decoder and eval's batched decoder both capture through here.
+    come back; every decoder captures through here (by graphed_step).
     same_stream=False captures on torch's own capture stream (bench/graph_exactness.py's comparison)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -130,8 +130,8 @@ def capture_step(forward, rewind, device: torch.device, same_stream: bool = True
 
 
 def graphed_step(slot, stats, forward, device: torch.device) -> tuple[torch.Tensor, str | None]:
-    """One step of a batched static-cache decoder whose graphs are on (eval's BatchDecoder, serve's running
-    batch): replay the slot's graph; else capture it once (capture_step, exact or fall back) and keep it;
+    """One step of a static-cache decoder whose graphs are on (export/static_decode's Decoder, eval's
+    BatchDecoder, serve's running batch): replay the slot's graph; else capture it once (capture_step, exact or fall back) and keep it;
     else, after a failed capture, run `forward()`. `slot` has `graph`, `logits`, `tried` and `cache`;
     `stats` counts `replays` and `captured`. Returns (the step's logits, why graphs must go off or None)."""
     if slot.graph is not None:
