@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,8 +167,12 @@ def adapter_dir(ctx: Context, v: Variant) -> Path:
     return ctx.path("runs", v.name, "adapter")
 
 
-def stage_finetune(ctx: Context) -> None:
+def stage_finetune(ctx: Context, parallel: Callable[[str], None] | None = None) -> None:
+    """`parallel(stage)`, where given (run.py --jobs), runs the stage's pending steps at once once what they
+    need is made; the loop after it then finds them made."""
     stage_pretrain(ctx)
+    if parallel:
+        parallel("finetune")
     for v in ctx.variants():
         finetune(ctx, v)
 
@@ -233,10 +237,12 @@ def exec_eval(ctx: Context, model: str, held_out: list[str]) -> None:
     ctx.runner.record(name, time.monotonic() - t0, 0)
 
 
-def stage_eval(ctx: Context) -> dict:
+def stage_eval(ctx: Context, parallel: Callable[[str], None] | None = None) -> dict:
     from . import report
 
-    stage_finetune(ctx)
+    stage_finetune(ctx, parallel)
+    if parallel:
+        parallel("eval")
     for model in models(ctx):
         for held_out in TASK_SETS:
             codetune_eval(ctx, model, held_out)

@@ -124,14 +124,19 @@ def context(a: argparse.Namespace) -> pipeline.Context:
     return pipeline.Context(out, scale, a.seed, cuda, nf4_unavailable(cuda), TOKENIZER, runner)
 
 
+def parallel(a: argparse.Namespace, ctx: pipeline.Context):
+    """The stages' `parallel` hook for --jobs N > 1 (None for one step at a time)."""
+    return (lambda stage: run_jobs(a, ctx, stage)) if a.jobs > 1 else None
+
+
 def run_jobs(a: argparse.Namespace, ctx: pipeline.Context, stage: str) -> None:
-    """With --jobs N > 1: the steps of `stage` still to do, N at a time, each `run.py --job NAME` in its own
-    process under what is left of the time limit. Running ones finish before a failure or the limit ends the
-    stage; the sequential stage that follows then finds them made. With N = 1 it does nothing."""
+    """The steps of `stage` still to do, a.jobs at a time, each `run.py --job NAME` in its own process under
+    what is left of the time limit. Running ones finish before a failure or the limit ends the stage; the
+    sequential loop that follows then finds them made."""
     from concurrent.futures import ThreadPoolExecutor
 
     jobs = pipeline.pending_jobs(ctx, stage)
-    if a.jobs == 1 or not jobs:
+    if not jobs:
         return
     cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(ctx.out), "--seed", str(a.seed)]
     cmd += ["--smoke"] if a.smoke else []
@@ -173,14 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.stage == "pretrain":
             pipeline.stage_pretrain(ctx)
         elif a.stage == "finetune":
-            pipeline.stage_pretrain(ctx)
-            run_jobs(a, ctx, "finetune")
-            pipeline.stage_finetune(ctx)
+            pipeline.stage_finetune(ctx, parallel(a, ctx))
         else:
-            pipeline.stage_pretrain(ctx)
-            run_jobs(a, ctx, "finetune")
-            run_jobs(a, ctx, "eval")
-            result = pipeline.stage_eval(ctx)
+            result = pipeline.stage_eval(ctx, parallel(a, ctx))
             for e in result["expectations"]:
                 print(f"[quality] {'holds' if e['holds'] else 'not measured' if e['holds'] is None else 'DOES NOT HOLD'}: "
                       f"{e['claim']}", file=sys.stderr)

@@ -93,8 +93,9 @@ def test_jobs_must_be_positive_and_need_their_own_processes(tmp_path, run_main, 
 
 @pytest.fixture
 def run_jobs(monkeypatch, tmp_path):
-    """run.py's run_jobs over three pending steps, with `subprocess.run` replaced: each "process" writes a line
-    to its log and exits with the code given for its job. Returns (call it, the commands it ran)."""
+    """run.py's --jobs hook (what the stages call) over three pending steps, with `subprocess.run` replaced: each
+    "process" writes a line to its log and exits with the code given for its job. Returns (call it, the
+    commands it ran)."""
     import argparse
     import subprocess
     from types import SimpleNamespace
@@ -114,7 +115,9 @@ def run_jobs(monkeypatch, tmp_path):
         a = argparse.Namespace(jobs=n_jobs, seed=7, smoke=True, domain=None)
         ctx = SimpleNamespace(out=tmp_path / "q", runner=Runner(tmp_path, tmp_path / "logs", {},
                                                                   None if limit is None else time.monotonic() + limit))
-        g["run_jobs"](a, ctx, "eval")
+        hook = g["parallel"](a, ctx)
+        if hook is not None:
+            hook("eval")
 
     return call, ran
 
