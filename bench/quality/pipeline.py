@@ -177,10 +177,14 @@ def stage_finetune(ctx: Context, parallel: Callable[[str], None] | None = None) 
         finetune(ctx, v)
 
 
+def finetuned(ctx: Context, v: Variant) -> bool:
+    return (ctx.path("runs", v.name) / "summary.json").exists()
+
+
 def finetune(ctx: Context, v: Variant) -> None:
-    run = ctx.path("runs", v.name)
-    if (run / "summary.json").exists():
+    if finetuned(ctx, v):
         return
+    run = ctx.path("runs", v.name)
     s = ctx.scale
     layers = f"last:{s.last_layers}" if v.last_layers else "all"
     ctx.runner.codetune(f"train-{v.name}", [
@@ -202,10 +206,14 @@ def eval_dir(ctx: Context, model: str, what: str) -> Path:
     return ctx.path("evals", model, what)
 
 
+def evaluated(ctx: Context, model: str, what: str) -> bool:
+    return (eval_dir(ctx, model, what) / "results.json").exists()
+
+
 def codetune_eval(ctx: Context, model: str, held_out: str) -> None:
-    final = eval_dir(ctx, model, held_out)
-    if (final / "results.json").exists():
+    if evaluated(ctx, model, held_out):
         return
+    final = eval_dir(ctx, model, held_out)
     s = ctx.scale
     # every model is scored on full-width weights: QLoRA's adapter over the bf16 base, as `codetune merge` ships it
     who = (["--model", str(pretrained_dir(ctx).resolve())] if model == "base"
@@ -225,7 +233,7 @@ def exec_eval(ctx: Context, model: str, held_out: list[str]) -> None:
     """Execution pass@1 of one model on the task sets not yet scored, with one model load."""
     from . import execution
 
-    todo = [name for name in held_out if not (eval_dir(ctx, model, f"exec-{name}") / "results.json").exists()]
+    todo = [name for name in held_out if not evaluated(ctx, model, f"exec-{name}")]
     if not todo:
         return
     name = f"exec-{model}-{'+'.join(todo)}"
@@ -260,13 +268,13 @@ def pending_jobs(ctx: Context, stage: str) -> list[str]:
     """Names of the steps of `stage` ("finetune" or "eval") not yet made, all independent of each other:
     "train:VARIANT", "eval:MODEL:SET" (loss + FIM) and "exec:MODEL:SET" (execution pass@1)."""
     if stage == "finetune":
-        return [f"train:{v.name}" for v in ctx.variants() if not (ctx.path("runs", v.name, "summary.json")).exists()]
+        return [f"train:{v.name}" for v in ctx.variants() if not finetuned(ctx, v)]
     todo = []
     for model in models(ctx):
         for held_out in TASK_SETS:
-            if not (eval_dir(ctx, model, held_out) / "results.json").exists():
+            if not evaluated(ctx, model, held_out):
                 todo.append(f"eval:{model}:{held_out}")
-            if not (eval_dir(ctx, model, f"exec-{held_out}") / "results.json").exists():
+            if not evaluated(ctx, model, f"exec-{held_out}"):
                 todo.append(f"exec:{model}:{held_out}")
     return todo
 
