@@ -81,7 +81,7 @@ def environment(device: torch.device, a) -> dict:
     except ImportError:
         pass
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or '?'})"
-    return {"bench": "decode", "gpu": gpu, "model": a.model_dir or a.model, "trained": bool(a.model_dir), "max_vram": a.max_vram, "repeats": a.repeats,
+    return {"bench": "decode", "gpu": gpu, **model_label(a), "max_vram": a.max_vram, "repeats": a.repeats,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "versions": v}
 
 
