@@ -6,11 +6,19 @@ after the cursor, which is what an editor plugin asks of it.
 
 The choice for each document comes from a generator seeded by the run seed and the document's hash,
 so it does not depend on worker count or processing order: re-runs give identical shards.
+
+A sample teaches FIM only if its prefix, suffix and middle share one packed row (rows are attended to
+independently). A whole file rewritten as one sample and then cut into rows mostly does not: at
+seq_len 1024, two of three samples of a library's files lost their prefix that way (docs/data.md). So a
+document longer than a row is first cut at line starts into chunks that fit one (`row_chunks`), each
+chunk is rewritten on its own, and the packer never splits a FIM sample that fits a row
+(data/shards.Packer). Both ask `sample_budget` how much code a sample may hold.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from codetune import registry
@@ -49,6 +57,42 @@ def fim_split(text: str, key: str, fim_rate: float, spm_rate: float, seed: int =
         # SPM as in stable-code / StarCoder: <fim_prefix><fim_suffix>suffix<fim_middle>prefix+middle
         return FimPieces("spm", ((pre_tok, ""), (suf_tok, suf), (mid_tok, pre + mid)))
     return FimPieces("psm", ((pre_tok, pre), (suf_tok, suf), (mid_tok, mid)))
+
+
+FIM_OVERHEAD = 4  # tokens a FIM sample adds to its code: the three FIM tokens and the EOS after the middle
+
+
+CUT_SLACK = 4  # the pieces are encoded apart: each of the two cuts can split a token (and its merges) in two
+
+
+def sample_budget(seq_len: int) -> int:
+    """Tokens of code (as counted whole) one FIM sample may hold so that the sample fits one packed row."""
+    return seq_len - FIM_OVERHEAD - CUT_SLACK
+
+
+def row_chunks(text: str, budget: int, count: Callable[[list[str]], list[int]]) -> list[str]:
+    """`text` whole when it fits `budget` tokens, else cut at line starts into consecutive chunks of about
+    equal size, each at most half the budget: a sample near a row's length waits for an empty row (the
+    packer pads rows for it), one of half a row fits any row at most half full. `count` gives the token
+    count of each of a list of texts; lines are counted one by one, which overestimates a little (no merge
+    across a line break), so chunks err short. A single line longer than that stays one chunk."""
+    if budget <= 0 or len(text.encode("utf-8", "surrogatepass")) <= budget:  # a token covers >= 1 byte
+        return [text]
+    lines = text.splitlines(keepends=True)
+    sizes = count(lines)
+    total = sum(sizes)
+    if total <= budget:
+        return [text]
+    target = total / -(-total // (budget // 2))  # equal parts of at most half a row (docs/data.md: why half)
+    out, cur, n = [], [], 0
+    for line, m in zip(lines, sizes):
+        if cur and (n + m > budget // 2 or n + m / 2 > target):
+            out.append("".join(cur))
+            cur, n = [], 0
+        cur.append(line)
+        n += m
+    out.append("".join(cur))
+    return out
 
 
 def render(p: FimPieces) -> str:

@@ -55,6 +55,8 @@ class Setup:
     bands: tuple = ()  # (bands, rows) of the LSH index, set by run(): band keys are made in the workers
     chat_template: chat.Template | None = None  # how prompt/response rows are rendered
     fim_tokens: SpecialTokens | None = None  # the model family's FIM tokens (model/arch/); None: stable-code's
+    seq_len: int = 0  # packed row length: documents longer than a row are cut before FIM (fim.row_chunks); 0: never
+    eos_id: int | None = None  # ends each FIM sample but a document's last (the packer adds that one)
 
 
 _W: dict = {}  # per-process state: the setup, permutations and encoder
@@ -181,25 +183,51 @@ def _guarded(item, s: Setup, clock: _Clock) -> dict:
 @dataclass(frozen=True)
 class Tokens:
     ids: np.ndarray
-    mode: str  # FIM mode of code ("none", "psm", "spm"), or "chat"
+    modes: tuple[str, ...]  # code: the FIM mode ("none", "psm", "spm") of each chunk (fim.row_chunks); chat: ("chat",)
     target: np.ndarray | None  # chat: bool per token, whether it carries loss
+
+
+def fim_samples(body: str, key: str, s: Setup, enc) -> tuple[list[fim.FimPieces], tuple[str, ...]]:
+    """A code document as the pieces to encode, in order, and the FIM mode of each of its chunks: a document
+    longer than a row is cut into chunks that fit one, each rewritten on its own (fim.py says why); chunks
+    left plain run on as one piece, so plain text is encoded as it reads."""
+    budget = fim.sample_budget(s.seq_len) if s.fim_rate > 0 and s.seq_len else 0
+    chunks = fim.row_chunks(body, budget, lambda texts: [len(a) for a in enc.texts(texts)])
+    keys = [key] if len(chunks) == 1 else [f"{key}/{j}" for j in range(len(chunks))]
+    out, modes = [], []
+    for chunk, k in zip(chunks, keys):
+        p = fim.fim_split(chunk, k, s.fim_rate, s.fim_spm_rate, s.seed, s.fim_tokens)
+        modes.append(p.mode)
+        if p.mode == "none" and out and out[-1].mode == "none":
+            out[-1] = fim.FimPieces("none", ((None, out[-1].parts[0][1] + chunk),))
+        else:
+            out.append(p)
+    return out, tuple(modes)
 
 
 def encode_batch(docs: list[tuple[str | list, bytes]]) -> tuple[list[Tokens], list]:
     """Code (text) is FIM-rewritten at the run's rate; chat (rendered pieces) never is: a pair's order
-    is the point of it, and FIM would scatter its loss mask."""
+    is the point of it, and FIM would scatter its loss mask. A FIM sample inside a document ends with EOS
+    (its middle is complete there), so the packer can find each sample: from its first FIM token to that EOS."""
     s, clock, enc = _W["setup"], _Clock(), _W["enc"]
-    code = [(i, fim.fim_split(body, key.hex(), s.fim_rate, s.fim_spm_rate, s.seed, s.fim_tokens))
-            for i, (body, key) in enumerate(docs) if isinstance(body, str)]
+    code = [(i, *fim_samples(body, key.hex(), s, enc)) for i, (body, key) in enumerate(docs) if isinstance(body, str)]
     n_bytes = sum(len(b) if isinstance(b, str) else sum(len(p.text) for p in b) for b, _ in docs)
     clock.lap("fim", n_bytes)
     out: list = [None] * len(docs)
-    for (i, p), ids in zip(code, enc.encode([p for _, p in code])):
-        out[i] = Tokens(compact(ids), p.mode, None)
+    encoded = iter(enc.encode([p for _, pieces, _ in code for p in pieces]))
+    eos = np.asarray([s.eos_id if s.eos_id is not None else 0], dtype=np.uint32)
+    for i, pieces, modes in code:
+        parts = []
+        for j, p in enumerate(pieces):
+            parts.append(next(encoded))
+            if p.mode != "none" and j < len(pieces) - 1:
+                assert s.eos_id is not None, "a document cut into FIM samples needs Setup.eos_id"
+                parts.append(eos)
+        out[i] = Tokens(compact(parts[0] if len(parts) == 1 else np.concatenate(parts)), modes, None)
     for i, (body, _) in enumerate(docs):
         if not isinstance(body, str):
             e = chat.encode(body, enc)
-            out[i] = Tokens(compact(e.ids), "chat", e.target)
+            out[i] = Tokens(compact(e.ids), ("chat",), e.target)
     clock.lap("tokenize", n_bytes)
     return out, clock.log
 
@@ -270,7 +298,7 @@ def run(items: Iterable, setup: Setup, workers: int, dedup_threshold: float,
                 stats.add_timing(stage, sec, nb)
             for (kept, nb), t in zip(meta, out):
                 if t.target is None:
-                    stats.fim_modes[t.mode] += 1
+                    stats.fim_modes.update(t.modes)
                 kind = stats.kinds["code" if t.target is None else "chat"]
                 kind["kept"] += 1
                 kind["tokens"] += len(t.ids)

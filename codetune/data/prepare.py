@@ -42,7 +42,7 @@ CLI_FLAGS = [
                     "help": "replace a --data-dir that holds files prepare did not write (deleting them)"}),
     (("--json",), {"action": "store_true", "help": "print the closing summary as JSON (for scripts)"}),
 ]
-PIPELINE_VERSION = 5  # bump when a change alters the shards, so old runs are not reused
+PIPELINE_VERSION = 6  # bump when a change alters the shards, so old runs are not reused
 BPE_SAMPLE_BYTES = 20_000_000
 NOT_IN_KEY = ("data_dir", "workers", "write_report")  # settings that do not change the shards
 
@@ -179,7 +179,7 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
         shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok_json,
         special_ids=_fim_ids(tok, tokens), fim_tokens=tokens, fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
         fim_spm_rate=data.fim_spm_rate, seed=data.data_seed, group_near=data.val_fraction > 0,
-        chat_template=template)
+        chat_template=template, seq_len=data.seq_len, eos_id=tok.eos_token_id)
     stats = Stats()
     workers = data.workers or os.cpu_count() or 1
     staging = Staging(tmp / "staging.bin", len(tok))
@@ -195,7 +195,8 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
         weights = np.frombuffer(staging.lengths, dtype=np.uint32).astype(np.int64) + 1  # + EOS
         plan = split.plan(staging.unit_keys(), weights, groups, data.val_fraction)
         writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
-        packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id) for s, w in writers.items()}
+        fim_start = _fim_ids(tok, tokens)[tokens.fim()[0]] if data.fim_rate > 0 else None  # where a sample begins
+        packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id, fim_start) for s, w in writers.items()}
         mixed = pack_splits(staging, plan.val, packers, data.mix)
         staging.close()
         n_val = int(plan.val.sum())

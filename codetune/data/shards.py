@@ -172,11 +172,22 @@ class Packer:
     each document starts. A document longer than what is left continues at position 0 of the next
     sequence (its continuation counts as a start there). The tail is padded with `pad_id`.
 
+    With `fim_start` (the id every FIM sample begins with), a code document is read as its plain runs and
+    FIM samples (pipeline.encode_batch: a sample runs from that id to the EOS after its middle), each its own
+    unit of attention. A FIM sample that fits a row but not what is left of this one waits, and goes where
+    it fits whole (first fit, in order), while later documents fill the row: split across rows its middle
+    would lose its prefix and suffix, which is what it is for. Rows are padded only when more than
+    MAX_WAITING samples wait, and at the end (docs/data.md gives the padding this costs).
+
     The sequence being filled is one numpy buffer filled by slices: `prepare` packs ~100 M tokens in
     its main process, where a Python list per token would cost as much CPU as a worker stage."""
 
-    def __init__(self, writer: ShardWriter, eos_id: int, pad_id: int):
-        self.w, self.eos, self.pad = writer, eos_id, pad_id
+    MAX_WAITING = 256
+
+    def __init__(self, writer: ShardWriter, eos_id: int, pad_id: int, fim_start: int | None = None):
+        self.w, self.eos, self.pad, self.fim_start = writer, eos_id, pad_id, fim_start
+        self.waiting: list[tuple[np.ndarray, bool]] = []  # FIM samples (ids, whether an EOS follows) to place
+        self.fim_over_row = 0  # FIM samples longer than a row, split like plain text
         self.buf = np.empty(writer.seq_len, dtype=np.int64)
         self.target = np.ones(writer.seq_len, dtype=bool)
         self.n = 0  # tokens in buf
@@ -187,7 +198,48 @@ class Packer:
         """Raw code (`target` None) is followed by EOS and every token carries loss. A chat document
         (`target`: bool per token) already ends with its end-of-turn token, so no EOS is added."""
         ids = np.asarray(ids, dtype=np.int64)
-        eos = target is None
+        if target is not None or self.fim_start is None or not (ids == self.fim_start).any():
+            self._place(ids, target, eos=target is None)
+        else:
+            for seg, is_fim, last in self._segments(ids):
+                if is_fim and len(seg) + last <= self.w.seq_len:
+                    self.waiting.append((seg, last))
+                else:
+                    self.fim_over_row += is_fim
+                    self._place(seg, None, eos=last)
+        self._place_waiting()
+
+    def _segments(self, ids: np.ndarray):
+        """(ids, is_fim, is_last) for each plain run and FIM sample of a code document, in order; a sample
+        inside the document includes its closing EOS, the last one gets the document's EOS when placed."""
+        cuts = []
+        for a in np.flatnonzero(ids == self.fim_start).tolist():
+            ends = np.flatnonzero(ids[a:] == self.eos)
+            cuts.append((a, a + int(ends[0]) + 1 if len(ends) else len(ids)))
+        pos, out = 0, []
+        for a, b in cuts:
+            if a > pos:
+                out.append((ids[pos:a], False))
+            out.append((ids[a:b], True))
+            pos = b
+        if pos < len(ids):
+            out.append((ids[pos:], False))
+        return [(seg, is_fim, k == len(out) - 1) for k, (seg, is_fim) in enumerate(out)]
+
+    def _place_waiting(self, final: bool = False) -> None:
+        while self.waiting:
+            room = self.w.seq_len - self.n
+            fits = [(len(seg) + eos, -k) for k, (seg, eos) in enumerate(self.waiting) if len(seg) + eos <= room]
+            if fits:  # the largest that fits (the oldest of equals): small ones stay to fill what is left
+                k = -max(fits)[1]
+                seg, eos = self.waiting.pop(k)
+                self._place(seg, None, eos=eos)
+            elif final or len(self.waiting) > self.MAX_WAITING:
+                self._flush()  # pads this row; every waiting sample fits an empty one
+            else:
+                return
+
+    def _place(self, ids: np.ndarray, target: np.ndarray | None, eos: bool) -> None:
         size, L = len(ids) + eos, self.w.seq_len
         pos = 0
         while pos < size:
@@ -225,9 +277,12 @@ class Packer:
         self.n, self.starts = 0, []
 
     def finish(self) -> dict:
+        self._place_waiting(final=True)
         self._flush()
         if self.dropped:
             self.w.meta["dropped_rows_without_targets"] = self.dropped
+        if self.fim_over_row:
+            self.w.meta["fim_samples_longer_than_a_row"] = self.fim_over_row
         return self.w.close()
 
 
