@@ -15,6 +15,10 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export CODETUNE_CACHE=/tmp/codetune-cache
+# what env.json names (session 9's call records named neither: the caller had to export them): the suite
+# given, and the commit where the copy has git, else what the caller exports (git rev-parse --short HEAD)
+export CODETUNE_SUITE=${CODETUNE_SUITE:-${1:-}}
+export CODETUNE_COMMIT=${CODETUNE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
 export PEER_CKPT=$CODETUNE_CACHE/random-init/stable-code-3b-v50304-s0   # peers and codetune share the weights
 SITE=$PWD/.site-unsloth; [ -d "$SITE" ] || SITE=$PWD/.site-bnb
 export PYTHONPATH=$SITE:$PWD

@@ -11,7 +11,7 @@ import pytest
 
 from codetune import registry
 from codetune.config import DataConfig, ModelConfig
-from codetune.data.fim import render, row_chunks, sample_budget, undo_fim
+from codetune.data.fim import render, row_chunks, undo_fim
 from codetune.data.pipeline import Setup, fim_samples
 from codetune.data.prepare import prepare
 from codetune.data.shards import PackedDataset, Packer, ShardWriter
