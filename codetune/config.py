@@ -234,11 +234,14 @@ class EvalConfig(Section):
     eval_decode: str = opt("auto", "how completions are decoded: batched (greedy runs through a static KV cache, "
                            "CUDA-graphed on a GPU; same ids as eager), eager (transformers' generate, the reference; "
                            "sampled runs always use it), auto (batched on the CPU where the model takes a static cache; "
-                           "eager on a GPU until a trained checkpoint has shown batched gives eager's scores)",
+                           "eager on a GPU: batched gives eager's scores, not always its text, docs/eval.md)",
                            used_by=EVAL, choices=("auto", "batched", "eager"))
     fim_source: str | None = opt(None, "folder of held-out code files for FIM tasks; default: the prepared val split",
                                  used_by=EVAL)
     fim_tasks: int = opt(100, "FIM tasks per kind (single-line, multi-line)", used_by=EVAL, ge=1)
+    fim_context_chars: int = opt(4000, "characters of prefix and of suffix kept around each FIM task's middle; keep "
+                                 "both sides and the new tokens within the length the model was trained on",
+                                 used_by=EVAL, ge=100)
     loss_batch_size: int = opt(4, "validation sequences per forward pass for the loss", used_by=EVAL, ge=1)
     loss_batches: int | None = opt(None, "only the first N validation batches (quick runs)", used_by=EVAL, ge=1)
 

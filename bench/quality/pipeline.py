@@ -223,7 +223,8 @@ def codetune_eval(ctx: Context, model: str, held_out: str) -> None:
     ctx.runner.codetune(f"eval-{model}-{held_out}", [
         "eval", *who, "--precision", ctx.precision("bf16"), "--data-dir", str(ctx.path("data", f"eval-{held_out}")),
         "--suites", "loss", "fim", "--fim-source", str(ctx.path("corpus", f"{held_out}-test")),
-        "--fim-tasks", str(s.fim_tasks), "--loss-batches", str(s.loss_batches),
+        "--fim-tasks", str(s.fim_tasks), "--fim-context-chars", str(s.fim_context_chars),
+        "--loss-batches", str(s.loss_batches),
         "--loss-batch-size", str(s.loss_batch_size), "--gen-batch-size", str(s.gen_batch_size),
         "--max-new-tokens", str(s.fim_new_tokens), "--eval-dir", str(tmp)])
     os.replace(tmp, final)

@@ -39,6 +39,7 @@ class Scale:
     gen_batch_size: int
     exec_new_tokens: int
     fim_new_tokens: int       # codetune eval caps it at 64 (single-line) and 256 (multi-line)
+    fim_context_chars: int    # of prefix and of suffix per FIM task: both sides and the new tokens within seq_len
     workers: int              # prepare's; 0 = every core
 
 
@@ -58,6 +59,9 @@ FULL = Scale(
                            save_every=100),
     lora_rank=16, lora_alpha=32.0, last_layers=3,
     fim_tasks=100, loss_batches=50, loss_batch_size=8, gen_batch_size=32, exec_new_tokens=256, fim_new_tokens=256,
+    # ~370 tokens a side at about 3 characters a token, + 256 new: within the 1024 positions pretraining saw (eval's
+    # default of 4,000 a side makes prompts of well over 1024 tokens, positions this model never trained on)
+    fim_context_chars=1100,
     workers=0)
 
 SMOKE = Scale(
@@ -73,6 +77,7 @@ SMOKE = Scale(
                            save_every=0),
     lora_rank=8, lora_alpha=16.0, last_layers=1,
     fim_tasks=3, loss_batches=2, loss_batch_size=4, gen_batch_size=8, exec_new_tokens=16, fim_new_tokens=12,
+    fim_context_chars=200,
     workers=1)
 
 SCALES = {s.name: s for s in (FULL, SMOKE)}

@@ -17,6 +17,8 @@ from codetune.model.arch import SpecialTokens
 ITEMS_FILE = "fim.jsonl"  # one row per task, beside results.json; eval/report.py reads it
 
 CONTEXT_CHARS = 4000  # prefix/suffix kept on each side (~1k tokens): the local context that matters
+# (--fim-context-chars: a model trained on shorter rows than prefix + suffix + middle has never seen the
+# positions such a prompt reaches, and then fails for that reason, not for want of FIM; bench/quality)
 MIN_LINES = 6  # shorter documents give the model too little to infer from
 MAX_FILE_BYTES = 1_000_000
 KINDS = ("single_line", "multi_line")
@@ -80,7 +82,8 @@ def docs_from_val(data_dir: str | Path, tok, max_docs: int = 2000) -> list[tuple
     return out
 
 
-def make_tasks(docs: list[tuple[str, str]], per_kind: int, seed: int = 0, max_rounds: int = 8) -> list[FimTask]:
+def make_tasks(docs: list[tuple[str, str]], per_kind: int, seed: int = 0, max_rounds: int = 8,
+               context_chars: int = CONTEXT_CHARS) -> list[FimTask]:
     """Deterministic tasks: per kind, walk the shuffled documents masking one line / 2-6 lines in each;
     with few documents, walk them again (up to max_rounds) at other places, never the same one twice."""
     rng = random.Random(seed)
@@ -94,14 +97,15 @@ def make_tasks(docs: list[tuple[str, str]], per_kind: int, seed: int = 0, max_ro
             for d in order:
                 if len(seen) >= per_kind:
                     break
-                task = _mask(docs[d], kind, rng)
+                task = _mask(docs[d], kind, rng, context_chars)
                 if task is not None and (d, task[0]) not in seen:
                     seen.add((d, task[0]))
                     tasks.append(task[1])
     return tasks
 
 
-def _mask(doc: tuple[str, str], kind: str, rng: random.Random) -> tuple[int, FimTask] | None:
+def _mask(doc: tuple[str, str], kind: str, rng: random.Random, context_chars: int = CONTEXT_CHARS
+          ) -> tuple[int, FimTask] | None:
     """(first masked line, task) for one random place in the document, or None if it has none."""
     name, text = doc
     lines = text.splitlines(keepends=True)
@@ -112,9 +116,9 @@ def _mask(doc: tuple[str, str], kind: str, rng: random.Random) -> tuple[int, Fim
     span = 1 if kind == "single_line" else min(rng.randint(2, 6), len(lines) - start)
     if kind == "multi_line" and span < 2:
         return None
-    prefix = "".join(lines[:start])[-CONTEXT_CHARS:]
+    prefix = "".join(lines[:start])[-context_chars:]
     middle = "".join(lines[start:start + span])
-    suffix = "".join(lines[start + span:])[:CONTEXT_CHARS]
+    suffix = "".join(lines[start + span:])[:context_chars]
     if kind == "single_line":  # the middle is the line's text; its newline belongs to the suffix
         body = middle.rstrip("\r\n")
         middle, suffix = body, middle[len(body):] + suffix

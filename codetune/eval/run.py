@@ -78,7 +78,7 @@ def fim_tasks_for(ecfg, data_dir: str, tok):
 
     docs = fim.docs_from_dir(ecfg.fim_source) if ecfg.fim_source else fim.docs_from_val(data_dir, tok)
     per_kind = min(ecfg.fim_tasks, ecfg.limit) if ecfg.limit else ecfg.fim_tasks
-    return fim.make_tasks(docs, per_kind)
+    return fim.make_tasks(docs, per_kind, context_chars=ecfg.fim_context_chars)
 
 
 def run_suites(model, tok, ecfg, data_dir: str, out_dir: Path, fim_tasks) -> dict:

@@ -21,6 +21,17 @@ def test_tasks_reassemble_the_document_and_are_deterministic():
     assert fim.make_tasks(docs, per_kind=1, seed=0) == tasks
 
 
+def test_context_is_cut_to_the_asked_characters_a_side():
+    """--fim-context-chars: a model trained on short rows is asked only what fits them (bench/quality)."""
+    doc = ("big.py", "".join(f"value_{i} = compute({i}, {i + 1})\n" for i in range(400)))
+    for chars in (150, 4000):
+        tasks = fim.make_tasks([doc], 5, context_chars=chars)
+        # (a single-line task's suffix also starts with the hidden line's newline)
+        assert len(tasks) == 10 and all(len(t.prefix) <= chars and len(t.suffix) <= chars + 1 for t in tasks)
+        assert any(len(t.prefix) == chars for t in tasks)  # cut there, not shorter
+    assert max(len(t.prefix) for t in fim.make_tasks([doc], 5)) > 150  # the default keeps more
+
+
 def test_few_documents_give_several_distinct_tasks():
     tasks = fim.make_tasks([("a.py", CODE)], per_kind=3, seed=1)
     for kind in fim.KINDS:
