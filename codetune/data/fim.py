@@ -71,11 +71,10 @@ def sample_budget(seq_len: int) -> int:
 
 
 def row_chunks(text: str, budget: int, count: Callable[[list[str]], list[int]]) -> list[str]:
-    """`text` whole when it fits `budget` tokens, else cut at line starts into consecutive chunks of about
-    equal size, each at most half the budget: a sample near a row's length waits for an empty row (the
-    packer pads rows for it), one of half a row fits any row at most half full. `count` gives the token
-    count of each of a list of texts; lines are counted one by one, which overestimates a little (no merge
-    across a line break), so chunks err short. A single line longer than that stays one chunk."""
+    """`text` whole when it fits `budget` tokens, else cut at line starts into consecutive chunks of at most
+    `budget` tokens, of about equal size (the fewest that fit). `count` gives the token count of each of a
+    list of texts; lines are counted one by one, which overestimates a little (no merge across a line
+    break), so chunks err short. A single line longer than the budget stays one chunk."""
     if budget <= 0 or len(text.encode("utf-8", "surrogatepass")) <= budget:  # a token covers >= 1 byte
         return [text]
     lines = text.splitlines(keepends=True)
@@ -83,10 +82,10 @@ def row_chunks(text: str, budget: int, count: Callable[[list[str]], list[int]]) 
     total = sum(sizes)
     if total <= budget:
         return [text]
-    target = total / -(-total // (budget // 2))  # equal parts of at most half a row (docs/data.md: why half)
+    target = total / -(-total // budget)  # k equal parts, k the fewest that fit
     out, cur, n = [], [], 0
     for line, m in zip(lines, sizes):
-        if cur and (n + m > budget // 2 or n + m / 2 > target):
+        if cur and (n + m > budget or n + m / 2 > target):
             out.append("".join(cur))
             cur, n = [], 0
         cur.append(line)

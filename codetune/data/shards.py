@@ -175,9 +175,10 @@ class Packer:
     With `fim_start` (the id every FIM sample begins with), a code document is read as its plain runs and
     FIM samples (pipeline.encode_batch: a sample runs from that id to the EOS after its middle), each its own
     unit of attention. A FIM sample that fits a row but not what is left of this one waits, and goes where
-    it fits whole (first fit, in order), while later documents fill the row: split across rows its middle
-    would lose its prefix and suffix, which is what it is for. Rows are padded only when more than
-    MAX_WAITING samples wait, and at the end (docs/data.md gives the padding this costs).
+    it fits whole (largest first: into the current row, and first into each row that plain text runs on
+    into), while later documents fill the row: split across rows its middle would lose its prefix and
+    suffix, which is what it is for. Rows are padded only when more than MAX_WAITING samples wait, and at
+    the end (docs/data.md gives the padding measured).
 
     The sequence being filled is one numpy buffer filled by slices: `prepare` packs ~100 M tokens in
     its main process, where a Python list per token would cost as much CPU as a worker stage."""
@@ -226,7 +227,9 @@ class Packer:
             out.append((ids[pos:], False))
         return [(seg, is_fim, k == len(out) - 1) for k, (seg, is_fim) in enumerate(out)]
 
-    def _place_waiting(self, final: bool = False) -> None:
+    def _place_waiting(self, final: bool = False, fresh: bool = False) -> None:
+        """Waiting samples into this row, largest that fits first; when none fits: pad the row if more than
+        MAX_WAITING wait or at the end (`final`), else leave them for later rows (always when `fresh`)."""
         while self.waiting:
             room = self.w.seq_len - self.n
             fits = [(len(seg) + eos, -k) for k, (seg, eos) in enumerate(self.waiting) if len(seg) + eos <= room]
@@ -234,7 +237,7 @@ class Packer:
                 k = -max(fits)[1]
                 seg, eos = self.waiting.pop(k)
                 self._place(seg, None, eos=eos)
-            elif final or len(self.waiting) > self.MAX_WAITING:
+            elif not fresh and (final or len(self.waiting) > self.MAX_WAITING):
                 self._flush()  # pads this row; every waiting sample fits an empty one
             else:
                 return
@@ -243,8 +246,12 @@ class Packer:
         size, L = len(ids) + eos, self.w.seq_len
         pos = 0
         while pos < size:
-            if self.n == 0 or pos == 0:
-                self.starts.append(self.n)
+            if pos > 0 and target is None and self.waiting:
+                # plain code running on into a fresh row: waiting samples go in first, while the row is empty
+                # (the rest of the text fits anywhere, a sample needs room), else they pile up and rows get
+                # padded for them. A chat document's rest stays at the row's start: eval reads it as continued there.
+                self._place_waiting(fresh=True)
+            self.starts.append(self.n)  # the document's start, or its continuation's in a new row
             take = min(L - self.n, size - pos)
             body = min(pos + take, len(ids)) - pos  # of which real ids; the rest is the EOS
             self.buf[self.n:self.n + body] = ids[pos:pos + body]
