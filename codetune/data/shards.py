@@ -213,10 +213,9 @@ class Packer:
     def _segments(self, ids: np.ndarray):
         """(ids, is_fim, is_last) for each plain run and FIM sample of a code document, in order; a sample
         inside the document includes its closing EOS, the last one gets the document's EOS when placed."""
-        cuts = []
-        for a in np.flatnonzero(ids == self.fim_start).tolist():
-            ends = np.flatnonzero(ids[a:] == self.eos)
-            cuts.append((a, a + int(ends[0]) + 1 if len(ends) else len(ids)))
+        starts, eos = np.flatnonzero(ids == self.fim_start), np.flatnonzero(ids == self.eos)
+        ends = np.searchsorted(eos, starts)  # each sample's closing EOS: the first after its start
+        cuts = [(int(a), int(eos[j]) + 1 if j < len(eos) else len(ids)) for a, j in zip(starts, ends)]
         pos, out = 0, []
         for a, b in cuts:
             if a > pos:
