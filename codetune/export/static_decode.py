@@ -183,8 +183,12 @@ class Decoder:
         except Exception as e:  # noqa: BLE001 - the compiler's failures are many; the uncompiled step is exact
             first = (str(e).splitlines() or [""])[0][:200]
             self.stats.compile_fallback = f"{type(e).__name__}: {first}"
-            log.warning("codetune: torch.compile of the decode step failed (%s); decoding uncompiled",
-                        self.stats.compile_fallback)
+            # seen on an H200: a compile killed midway leaves a truncated .so in the cache ("file too short"),
+            # and every later compile of that step fails on it until the cache is cleared
+            hint = (" (a damaged compile cache: remove torch's inductor cache folder or point TORCHINDUCTOR_CACHE_DIR "
+                    "at an empty one)" if "file too short" in first or "ImportError" in first else "")
+            log.warning("codetune: torch.compile of the decode step failed (%s); decoding uncompiled%s",
+                        self.stats.compile_fallback, hint)
             return self._eager_forward(slot.cache, x)
 
     def _graph_off(self, why: str) -> None:

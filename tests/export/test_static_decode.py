@@ -181,20 +181,27 @@ def test_compiled_step_gives_the_eager_loops_ids(tuned):
     assert decoder.describe() == "static KV cache, torch.compile'd step"
 
 
-def test_compiled_step_falls_back_when_the_compiler_fails(tuned, monkeypatch, caplog):
+@pytest.mark.parametrize("error,hint", [
+    (RuntimeError("inductor: no C++ compiler\nmore"), False),
+    # what a truncated cache entry gave on an H200 after a compile was killed midway (session 9)
+    (ImportError("/tmp/torchinductor_root/fe/x.main.so: file too short"), True),
+])
+def test_compiled_step_falls_back_when_the_compiler_fails(tuned, monkeypatch, caplog, error, hint):
     model, tok = tuned
     decoder = Decoder(model, "compiled")
 
     def broken(fn, **kw):
         def call(*a, **k):
-            raise RuntimeError("inductor: no C++ compiler\nmore")
+            raise error
         return call
     monkeypatch.setattr(torch, "compile", broken)
     prompt, params = prompts(tok)["short"], SamplingParams(max_new_tokens=6)
     with caplog.at_level(logging.WARNING, logger="codetune.decode"):
         assert ids(model, tok, prompt, params, decoder) == ids(model, tok, prompt, params)
-    assert decoder.stats.compile_fallback == "RuntimeError: inductor: no C++ compiler"
-    assert sum("torch.compile of the decode step failed" in r.getMessage() for r in caplog.records) == 1
+    first = str(error).splitlines()[0]
+    assert decoder.stats.compile_fallback == f"{type(error).__name__}: {first}"
+    warned = [r.getMessage() for r in caplog.records if "torch.compile of the decode step failed" in r.getMessage()]
+    assert len(warned) == 1 and ("TORCHINDUCTOR_CACHE_DIR" in warned[0]) == hint
     assert decoder.describe() == "static KV cache"
 
 
