@@ -44,9 +44,9 @@ def resolve_decode(settings: GenSettings, model) -> str:
     why = static_unsupported(model)
     if settings.decode == "batched" and why:
         raise ConfigError(f"--eval-decode batched: {why}; use --eval-decode eager or auto")
-    # On CUDA auto stays eager: batched pays (bench/results/decode_h200_2026-12-01_s7.md) but the same scores
-    # are still to be shown on a trained checkpoint (random weights part at near-ties; issue 17);
-    # --eval-decode batched chooses it meanwhile.
+    # On CUDA auto stays eager: batched pays and gave the same scores on a trained checkpoint, but not the
+    # same completions (bf16 near-ties under another attention kernel and cache layout: docs/eval.md), and a
+    # speed-up may not change a greedy completion; --eval-decode batched chooses it.
     on_cuda = next(model.parameters()).device.type == "cuda"
     return "eager" if why or (settings.decode == "auto" and on_cuda) else "batched"
 
