@@ -8,8 +8,8 @@ The choice for each document comes from a generator seeded by the run seed and t
 so it does not depend on worker count or processing order: re-runs give identical shards.
 
 A sample teaches FIM only if its prefix, suffix and middle share one packed row (rows are attended to
-independently). A whole file rewritten as one sample and then cut into rows mostly does not: at
-seq_len 1024, two of three samples of a library's files lost their prefix that way (docs/data.md). So a
+independently). A whole file rewritten as one sample and then cut into rows mostly does not (docs/data.md
+measured how often, before PIPELINE_VERSION 6, when prepare did exactly that). So a
 document longer than a row is first cut at line starts into chunks that fit one (`row_chunks`), each
 chunk is rewritten on its own, and the packer never splits a FIM sample that fits a row
 (data/shards.Packer). Both ask `sample_budget` how much code a sample may hold.
