@@ -106,6 +106,23 @@ def test_an_expectation_that_fails_is_reported_as_failing(ctx):
     assert "**does not hold**" in ctx.path("report", "results.md").read_text()
 
 
+def test_fim_retention_is_not_judged_when_the_base_cannot_infill(ctx):
+    """Session 9's base filled in 0-1% of lines: every FIM row fails either way, so expectation 3 says it
+    cannot be tested instead of failing (or holding) on noise."""
+    _fill(ctx, fim0_keeps_fim=True)
+    rng = random.Random(2)
+    for s in ("domain", "general"):
+        folder = pipeline.eval_dir(ctx, "base", s)
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
+        _eval_folder(folder, 2.0, 0.0, 0.1, rng)
+    fim = report.write(ctx)["expectations"][2]
+    assert fim["holds"] is None and fim["evidence"].startswith("not testable: the base model does not infill")
+    assert "domain 0.0%, general 0.0%" in fim["evidence"]
+    assert "not measured" in ctx.path("report", "results.md").read_text()
+
+
 def test_a_model_without_results_is_left_out_not_invented(ctx):
     _fill(ctx, fim0_keeps_fim=False)
     for what in ("domain", "general", "exec-domain", "exec-general"):
