@@ -176,7 +176,8 @@ def evaluate(model, tok, tasks: list[FimTask], ecfg, out_dir: Path, log=print) -
         stop = ("\n",) if kind == "single_line" else ()
         stats = GenStats()
         log(f"fim {kind}: {len(ktasks)} tasks")
-        gens = generate(model, tok, [prompt(t, registry.tokens_in(tok)) for t in ktasks],
+        tokens = registry.tokens_in(tok)
+        gens = generate(model, tok, [prompt(t, tokens) for t in ktasks],
                         GenSettings(max_new_tokens=budget, stop=stop, batch_size=ecfg.gen_batch_size,
                                     decode=ecfg.eval_decode), stats)
         scores = [score_one(t, g) for t, g in zip(ktasks, gens)]

@@ -58,6 +58,10 @@ def test_special_tokens_are_the_model_familys(tmp_path, stdlib):
     assert len(ensure_special_tokens(tok)) == n  # (a saved Qwen tokenizer gains no stable-code tokens)
     neox = PreTrainedTokenizerFast(tokenizer_file=str(Path(__file__).parents[1] / "fixtures" / "gpt-neox-20b.json"))
     assert registry.tokens_in(neox) == stable  # no FIM tokens of either family: the default
+    # asked of the fast tokenizer's index, never of get_vocab(), which rebuilds the whole vocabulary each call
+    # (serve asks for every FIM request)
+    tok.get_vocab = neox.get_vocab = lambda: (_ for _ in ()).throw(AssertionError("get_vocab called"))
+    assert registry.tokens_in(tok) == qwen and registry.tokens_in(neox) == stable
 
 
 @pytest.mark.parametrize("what", ["file", "folder"])
