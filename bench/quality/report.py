@@ -9,8 +9,11 @@ Newcombe's interval or a paired bootstrap for changes on the same items.
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,7 +165,18 @@ def environment() -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "device": gpu or f"CPU ({platform.processor() or platform.machine()})"}
+            "device": gpu or f"CPU ({platform.processor() or platform.machine()})", "date": datetime.date.today().isoformat(),
+            # the GPU machine's copy of the checkout has no git: the caller names the commit (docs/quality.md)
+            "commit": os.environ.get("CODETUNE_COMMIT") or _git_commit()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def write(ctx) -> dict:

@@ -26,7 +26,8 @@ def markdown(result: dict, meas: dict, models: list[str], figures: list[str]) ->
     out = [f"# Fine-tuning quality: held-out domain `{s['corpus']['domain']}` ({result['scale']} run, seed {result['seed']})", ""]
     if result["scale"] == "smoke":
         out += [SMOKE_NOTE, ""]
-    out += [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}. "
+    when = "".join(f", {k} {env[k]}" for k in ("date", "commit") if env.get(k))  # (records before session 9 lack them)
+    out += [f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}{when}. "
             f"Model: `{s['model']}` pretrained from random init here, then fine-tuned on the domain's training files.", ""]
     out += ["Models: `base` = the pretrained model; " + "; ".join(
         f"`{v.name}` = {v.what.format(rank=s['lora_rank'], last=s['last_layers'])}"

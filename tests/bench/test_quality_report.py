@@ -92,6 +92,9 @@ def test_every_metric_has_an_interval_and_changes_are_paired(ctx):
     assert holds == [True, True, True, None]
     assert "not run: NF4 needs a CUDA GPU" in result["expectations"][3]["evidence"]
     md = (ctx.path("report", "results.md")).read_text()
+    env = result["environment"]
+    assert env["date"] and f", date {env['date']}" in md  # what the committed record names
+    assert env["commit"] is None or f", commit {env['commit']}" in md
     assert "| domain execution pass@1 | 40 | 25.0% [" in md and "Not run: `qlora` (NF4 needs a CUDA GPU)." in md
     assert "## Change against `lora-bf16`" in md and "**does not hold**" not in md
     assert (ctx.path("report", "metrics.png")).stat().st_size > 0
@@ -104,6 +107,14 @@ def test_an_expectation_that_fails_is_reported_as_failing(ctx):
     fim = result["expectations"][2]
     assert fim["holds"] is False and "lora-fim0 vs lora-bf16 +0.0 pp" in fim["evidence"]
     assert "**does not hold**" in ctx.path("report", "results.md").read_text()
+
+
+def test_the_commit_the_caller_names_is_recorded(ctx, monkeypatch):
+    """The GPU machine's copy has no git: gpu.sh's caller exports CODETUNE_COMMIT, and the report names it."""
+    monkeypatch.setenv("CODETUNE_COMMIT", "abc1234")
+    _fill(ctx, fim0_keeps_fim=False)
+    assert report.write(ctx)["environment"]["commit"] == "abc1234"
+    assert ", commit abc1234." in ctx.path("report", "results.md").read_text()
 
 
 def test_fim_retention_is_not_judged_when_the_base_cannot_infill(ctx):
