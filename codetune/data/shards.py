@@ -366,6 +366,21 @@ def positions_and_labels(ids: torch.Tensor, starts, n_real: int, target: np.ndar
     return {"position_ids": position_ids, "labels": labels}
 
 
+FIM_WHOLE_SINCE = 6  # data/prepare.PIPELINE_VERSION from which FIM samples are never split across rows
+
+
+def stale_fim(manifest: dict) -> str | None:
+    """Why a prepared set's FIM data teaches less than it should (None: it doesn't): sets made before
+    PIPELINE_VERSION 6 rewrote whole files into FIM order and then cut them into rows, which leaves most
+    long files' middles in a row without their prefix (docs/data.md, stage 8). Usable; worth re-preparing."""
+    fim_rate = (manifest.get("config") or {}).get("fim_rate") or 0
+    if fim_rate > 0 and int(manifest.get("format") or 0) < FIM_WHOLE_SINCE:
+        return (f"this set was prepared by an older codetune (format {manifest.get('format')}), whose FIM samples of "
+                "files longer than a row lost their prefix to another row; re-run `codetune prepare` with the "
+                "same flags to rebuild it (docs/data.md, stage 8)")
+    return None
+
+
 def read_manifest(data_dir: str | Path) -> dict:
     p = Path(data_dir) / "manifest.json"
     if not p.exists():

@@ -92,7 +92,7 @@ def build_model(cfgs: dict, device: torch.device, vocab_size: int | None = None,
 def setup(cfgs: dict) -> Run:
     from transformers import AutoTokenizer
 
-    from codetune.data.shards import PackedDataset, read_manifest
+    from codetune.data.shards import PackedDataset, read_manifest, stale_fim
     from codetune.model.adapters import count_parameters
     from codetune.model.load import check_vocab, padded_vocab, resolve_precision
     from codetune.model.tokenizer import ensure_special_tokens, tokenizer_fingerprint
@@ -122,6 +122,8 @@ def setup(cfgs: dict) -> Run:
     if tokenizer_fingerprint(tokenizer) != manifest.get("tokenizer"):
         raise ConfigError(f"{dcfg.data_dir} was prepared with a different tokenizer than the one saved beside it; "
                           "re-run `codetune prepare`")
+    if (why := stale_fim(manifest)) and accelerator.is_main_process:
+        print(f"codetune train: warning: {dcfg.data_dir}: {why}", file=sys.stderr)
 
     precision = resolve_precision(mcfg, device)
     mcfg = dataclasses.replace(mcfg, precision=precision)

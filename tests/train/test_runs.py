@@ -106,6 +106,20 @@ def test_dry_run_builds_everything_and_writes_nothing(tiny_data, run_copy, tmp_p
     assert _tree(run_copy) == before
 
 
+def test_a_set_prepared_before_whole_fim_samples_is_named_on_training(tiny_data, tmp_path, capsys):
+    """Sets of PIPELINE_VERSION < 6 split long files' FIM samples across rows (docs/data.md, stage 8):
+    training on one still works, with one line saying to re-prepare it; a current set says nothing."""
+    assert _train(tiny_data, tmp_path / "a", "--steps", "1", "--dry-run") == 0
+    assert "older codetune" not in capsys.readouterr().err
+    old = tmp_path / "old-data"
+    shutil.copytree(tiny_data, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 5}))
+    assert _train(old, tmp_path / "b", "--steps", "1", "--dry-run") == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "older codetune (format 5)" in ln]
+    assert len(warned) == 1 and "re-run `codetune prepare`" in warned[0]
+
+
 def test_resume_refuses_changes_to_the_run_so_far(tiny_data, run_copy, capsys):
     before = _tree(run_copy)
     for extra, says in ((["--rank", "8"], "--rank 16"), (["--seed", "1"], "--seed 0"),
