@@ -172,12 +172,13 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
     tmp.mkdir()
     tok_json = tok.backend_tokenizer.to_str()
     fast, encoder = fastbpe.build(tok_json)  # same ids either way; tiktoken only where checked faithful
+    fim_ids = _fim_ids(tok, tokens)
     setup = pipeline.Setup(
         thresholds=filters.Thresholds(data.min_file_bytes, data.max_file_bytes, data.max_line_length,
                                       data.max_mean_line_length, data.min_alnum_fraction),
         allowed=allowed, redact=data.redact_secrets, near_dedup=data.near_dedup, num_perm=data.minhash_perms,
         shingle_size=data.shingle_size, decontam=decon, tokenizer_json=tok_json,
-        special_ids=_fim_ids(tok, tokens), fim_tokens=tokens, fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
+        special_ids=fim_ids, fim_tokens=tokens, fast_tokenizer=fast is not None, fim_rate=data.fim_rate,
         fim_spm_rate=data.fim_spm_rate, seed=data.data_seed, group_near=data.val_fraction > 0,
         chat_template=template, seq_len=data.seq_len, eos_id=tok.eos_token_id)
     stats = Stats()
@@ -195,7 +196,7 @@ def _build(data, tok, key, allowed, decon, tmp: Path, out: Path, progress, n_fil
         weights = np.frombuffer(staging.lengths, dtype=np.uint32).astype(np.int64) + 1  # + EOS
         plan = split.plan(staging.unit_keys(), weights, groups, data.val_fraction)
         writers = {s: ShardWriter(tmp / s, data.seq_len, len(tok)) for s in ("train", "val")}
-        fim_start = _fim_ids(tok, tokens)[tokens.fim()[0]] if data.fim_rate > 0 else None  # where a sample begins
+        fim_start = fim_ids[tokens.fim()[0]] if data.fim_rate > 0 else None  # where a FIM sample begins
         packers = {s: Packer(w, tok.eos_token_id, tok.pad_token_id, fim_start) for s, w in writers.items()}
         mixed = pack_splits(staging, plan.val, packers, data.mix)
         staging.close()

@@ -199,9 +199,9 @@ class Packer:
         """Raw code (`target` None) is followed by EOS and every token carries loss. A chat document
         (`target`: bool per token) already ends with its end-of-turn token, so no EOS is added."""
         ids = np.asarray(ids, dtype=np.int64)
-        if target is not None or self.fim_start is None or not (ids == self.fim_start).any():
+        if target is not None or self.fim_start is None:
             self._place(ids, target, eos=target is None)
-        else:
+        else:  # (a document without a FIM sample is one plain run: placed as above)
             for seg, is_fim, last in self._segments(ids):
                 if is_fim and len(seg) + last <= self.w.seq_len:
                     self.waiting.append((seg, last))
@@ -222,7 +222,7 @@ class Packer:
                 out.append((ids[pos:a], False))
             out.append((ids[a:b], True))
             pos = b
-        if pos < len(ids):
+        if pos < len(ids) or not out:  # (an empty document too: it still gets its EOS)
             out.append((ids[pos:], False))
         return [(seg, is_fim, k == len(out) - 1) for k, (seg, is_fim) in enumerate(out)]
 
