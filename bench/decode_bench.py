@@ -52,8 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--step-sdpa", default=None, help="comma-separated SDPA backends of codetune's static-cache step "
-                   "(flash,efficient,math; default: model/static_cache.STEP_SDPA), an A/B: e.g. math")
+    p.add_argument("--step-kernels", default=None, help="comma-separated attention kernels of codetune's static-cache "
+                   "passes (split,flash,efficient,math; default: model/step_attention.STEP_KERNELS), an A/B: e.g. "
+                   "flash,efficient,math for SDPA alone")
     p.add_argument("--max-vram", default=None, help="cap this process's GPU memory, e.g. 10GiB")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu")
     p.add_argument("--out", default=None, help="append the JSON lines to this file too")
@@ -164,12 +165,12 @@ def measure(a, precision: str, device: torch.device) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     vocab_limit = min(len(tok), model.get_input_embeddings().weight.shape[0])
     decoders = {}
-    from codetune.model.static_cache import STEP_SDPA
+    from codetune.model.step_attention import STEP_KERNELS
 
-    sdpa = tuple(a.step_sdpa.split(",")) if a.step_sdpa else STEP_SDPA
+    kernels = tuple(a.step_kernels.split(",")) if a.step_kernels else STEP_KERNELS
     for mode in ("eager", "static", "graph", "compiled"):
         try:
-            decoders[mode] = Decoder(model, mode, step_sdpa=sdpa)
+            decoders[mode] = Decoder(model, mode, step_kernels=kernels)
         except ValueError as e:
             decoders[mode] = str(e)
     for case in a.cases:
@@ -211,7 +212,10 @@ def measure(a, precision: str, device: torch.device) -> None:
                 record.update(tie_margin(model, ids, reference, out_ids, mismatch, device))
             if decoder is not None:
                 record["decode"] = decoder.describe()
-                record["step_sdpa"] = ",".join(decoder.step_sdpa)
+                if decoder.attention is not None:
+                    record["step_kernels"] = ",".join(decoder.attention.kernels)
+                    record["split_attention"] = "on" if decoder.attention.name else (
+                        decoder.attention.why_not or "not asked for")
                 record["decode_stats"] = vars(decoder.stats).copy()
             if device.type == "cuda":
                 record["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

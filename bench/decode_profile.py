@@ -32,7 +32,8 @@ def main() -> None:
     from codetune.config import ModelConfig
     from codetune.export.generate import load_for_inference
     from codetune.model.adapters import causal_lm
-    from codetune.model.static_cache import cache_kwarg, step_attention
+    from codetune.model.static_cache import cache_kwarg
+    from codetune.model.step_attention import STEP_KERNELS, StepAttention
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", default="tests/fixtures/gpt-neox-20b.json")
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--step-kernels", default=",".join(STEP_KERNELS),
+                    help="the static-cache passes' attention (model/step_attention.STEP_KERNELS); an A/B: flash,efficient,math")
     a = ap.parse_args()
     device = torch.device(a.device)
     cfg = ModelConfig(model=a.model, random_init=True, precision=a.precision, tokenizer=a.tokenizer)
@@ -50,7 +53,8 @@ def main() -> None:
     kw = {cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
     token = torch.full((1, 1), 1234, dtype=torch.long, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode(), step_attention():
+    attention = StepAttention(model, tuple(a.step_kernels.split(",")))
+    with torch.inference_mode(), attention():
         model(input_ids=torch.randint(0, 50000, (1, a.prompt), device=device), **kw)
         for _ in range(3):  # warm: kernels chosen, caches filled
             model(input_ids=token, **kw)
@@ -71,7 +75,8 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if kernels else "self_cpu_time_total",
                                     row_limit=30, max_name_column_width=80))
     print(json.dumps({"check": "decode-profile", "model": a.model, "precision": a.precision, "prompt": a.prompt,
-                      "steps": a.steps, "eager_step_wall_ms": round(wall * 1e3, 3),
+                      "steps": a.steps, "attention": attention.describe(), "split_why_not": attention.why_not,
+                      "eager_step_wall_ms": round(wall * 1e3, 3),
                       "kernels_per_step": len(kernels) / a.steps, "kernel_ms_per_step": round(total, 3),
                       "matmul_kernel_ms_per_step": round(mm, 3),
                       "matmul_share": round(mm / total, 3) if total else None}), flush=True)

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from codetune.model.static_cache import cache_kwarg, graphed_step, static_unsupported, step_attention
+from codetune.model.static_cache import cache_kwarg, graphed_step, static_unsupported
+from codetune.model.step_attention import STEP_KERNELS, StepAttention
 
 log = logging.getLogger("codetune.eval")
 
@@ -66,6 +67,7 @@ class BatchDecoder:
     graphs: bool | None = None
     check_every: int = 8
     stats: BatchStats = field(default_factory=BatchStats)
+    attention_kernels: tuple[str, ...] = STEP_KERNELS  # model/step_attention.StepAttention
 
     def __post_init__(self):
         why = static_unsupported(self.model)
@@ -77,6 +79,7 @@ class BatchDecoder:
         self._slot_key: tuple[int, int] | None = None
         self._slot_val: _Slot | None = None
         self._kw = cache_kwarg(self.model)
+        self.attention = StepAttention(self.model, self.attention_kernels)
 
     def _slot(self, batch: int, length: int) -> _Slot:
         from transformers import StaticCache
@@ -94,7 +97,7 @@ class BatchDecoder:
         return slot
 
     def _forward(self, slot: _Slot, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        with step_attention():
+        with self.attention():
             out = self.model(input_ids=input_ids, attention_mask=slot.mask, position_ids=position_ids,
                              use_cache=True, logits_to_keep=1, **{self._kw: slot.cache})
         return out.logits

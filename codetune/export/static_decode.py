@@ -26,14 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import (
-    STEP_SDPA,
-    cache_kwarg,
-    graphed_step,
-    set_length,
-    static_unsupported,
-    step_attention,
-)
+from codetune.model.static_cache import cache_kwarg, graphed_step, set_length, static_unsupported
+from codetune.model.step_attention import STEP_KERNELS, StepAttention, validate_kernels
 
 log = logging.getLogger("codetune.decode")
 
@@ -106,16 +100,19 @@ class Decoder:
     resolved here, a mode that cannot run is a ValueError); holds the static caches and graphs for reuse
     across calls."""
 
-    def __init__(self, model, mode: str = "auto", step_sdpa: tuple[str, ...] = STEP_SDPA, reuse_prefix: bool = False):
-        """`step_sdpa`: the SDPA backends of the static-cache step (model/static_cache.step_attention; the
+    def __init__(self, model, mode: str = "auto", step_kernels: tuple[str, ...] = STEP_KERNELS,
+                 reuse_prefix: bool = False):
+        """`step_kernels`: the attention of the static-cache passes (model/step_attention.StepAttention; the
         default is what generate and serve run, another set is bench/decode_bench.py's A/B). `reuse_prefix`:
         a prompt that starts with what the slot's cache holds (the previous prompt and its completion, at
         least MIN_REUSE tokens of it) reads only the rest: an editor's requests as you type share the
         file's text before the cursor. The kept keys and values were computed in another pass, so the
         logits equal a full prefill's to rounding, not bit for bit (serve --reuse-prefix, opt-in)."""
-        step_attention(step_sdpa)  # (a bad set is refused here, not at the first step)
         self.model, self.mode, self.stats = model, resolve_mode(mode, model), DecodeStats()
-        self.step_sdpa, self.reuse_prefix = step_sdpa, reuse_prefix
+        self.reuse_prefix = reuse_prefix
+        validate_kernels(step_kernels)  # (a bad set is refused in every mode, not at the first step)
+        # (the split kernel is checked where a static cache runs, not for the eager loop, which never uses it)
+        self.attention = StepAttention(model, step_kernels) if self.mode != "eager" else None
         if reuse_prefix and self.mode == "eager":
             raise ValueError("reusing a prompt prefix needs the static KV cache; use --decode static or graph")
         self._slots: OrderedDict[int, _Slot] = OrderedDict()
@@ -126,7 +123,8 @@ class Decoder:
 
     def describe(self) -> str:
         reuse = ", reusing prompt prefixes" if self.reuse_prefix else ""
-        return self._describe() + reuse
+        attention = ", split-KV attention" if self.attention and self.attention.name else ""
+        return self._describe() + attention + reuse
 
     def _describe(self) -> str:
         if self.mode == "eager":
@@ -163,13 +161,13 @@ class Decoder:
         return slot
 
     def _forward(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "compiled" and x.shape[1] == 1 and self.stats.compile_fallback is None:
-            return self._compiled_step(slot, x)
-        return self._eager_forward(slot.cache, x)
+        with self.attention():  # (outside the compiled function: the compiler sees the kernel it selects)
+            if self.mode == "compiled" and x.shape[1] == 1 and self.stats.compile_fallback is None:
+                return self._compiled_step(slot, x)
+            return self._eager_forward(slot.cache, x)
 
     def _eager_forward(self, cache, x: torch.Tensor) -> torch.Tensor:
-        with step_attention(self.step_sdpa):
-            out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): cache})
         return out.logits
 
     def _compiled_step(self, slot: _Slot, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +192,6 @@ class Decoder:
     def _graph_off(self, why: str) -> None:
         self._graphs, self.stats.fallback = False, why
         log.warning("codetune: CUDA graphs off, decoding with the static KV cache alone: %s", why)
-
 
 
 class _StaticSteps:

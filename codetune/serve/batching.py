@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import cache_kwarg, graphed_step, set_length, static_unsupported, step_attention
+from codetune.model.static_cache import cache_kwarg, graphed_step, set_length, static_unsupported
+from codetune.model.step_attention import STEP_KERNELS, StepAttention
 
 log = logging.getLogger("codetune.serve")
 
@@ -123,6 +124,7 @@ class BatchScheduler:
     length: int | None = None
     graphs: bool | None = None
     stats: BatchStats = field(default_factory=BatchStats)
+    attention_kernels: tuple[str, ...] = STEP_KERNELS  # model/step_attention.StepAttention
 
     def __post_init__(self):
         from transformers import StaticCache
@@ -141,6 +143,7 @@ class BatchScheduler:
                            torch.ones((self.rows, self.length), **z))
         self._allocate()
         self._kw = cache_kwarg(self.model)
+        self.attention = StepAttention(self.model, self.attention_kernels)
         self._rows: list[_Ticket | None] = [None] * self.rows  # who holds each row
         self._joins: list[_Ticket] = []
         self._p = 0  # the shared write position (the cache's counter, mirrored on the host)
@@ -335,7 +338,7 @@ class BatchScheduler:
             self._set_p(self._p)  # the counter back to the host's, whether or not the forward moved it
 
     def _forward(self, slot: _Slot, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        with step_attention():
+        with self.attention():
             out = self.model(input_ids=token, attention_mask=slot.mask, position_ids=pos, use_cache=True,
                              logits_to_keep=1, **{self._kw: slot.cache})
         return out.logits
