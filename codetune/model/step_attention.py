@@ -4,7 +4,7 @@ eval/batch_decode's BatchDecoder, serve/batching's running batch).
 Two parts, chosen per decoder by `kernels` (STEP_KERNELS, in order of preference):
 - "split": the one-token step's attention through kernels/decode_attention (flash-decoding: the cache's
   keys split over the whole GPU). CUDA with Triton only; checked once, when the decoder is made, against
-  SDPA on random inputs of the model's own head shapes (exact-or-fallback: its error against an fp32
+  SDPA on random inputs of the model's own head shapes (exact-or-fallback: its error against an fp64
   reference may be at most twice SDPA's own, else the decoder keeps SDPA and says why). Selected for the
   model instance only while a pass runs (its config's attention implementation, put back after), so
   the model outside the decoder is unchanged; a prompt's pass (several query positions) goes to
@@ -62,7 +62,7 @@ def _register() -> None:
 
 @dataclass
 class SplitCheck:
-    """What the first-use check found: each kernel's largest error against the fp32 reference."""
+    """What the first-use check found: each kernel's largest error against the fp64 reference."""
     split_error: float
     sdpa_error: float
     ok: bool
@@ -72,8 +72,8 @@ def check_split(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, de
                 fn=None) -> SplitCheck:
     """Split attention against SDPA on random inputs of these head shapes: two rows whose masks end at
     different lengths, one cache not a multiple of the kernel's tiles. Passes when its largest error
-    against fp32 attention is at most twice SDPA's own (or four units of the dtype's rounding: fp32
-    inputs, where SDPA's error can be 0)."""
+    against fp64 attention is at most twice SDPA's own (or four units of the dtype's rounding, where
+    SDPA's is smaller still)."""
     import torch.nn.functional as F
 
     fn = fn or kernel.split_attention
@@ -87,12 +87,13 @@ def check_split(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, de
     mask[1, ..., :61] = True
     group = heads // kv_heads
     kk, vv = (t.repeat_interleave(group, dim=1) for t in (k, v))
-    ref = F.scaled_dot_product_attention(q.float(), kk.float(), vv.float(), attn_mask=mask).transpose(1, 2)
+    # (the reference in fp64: in fp32 it would be SDPA itself, whose error would then read 0)
+    ref = F.scaled_dot_product_attention(q.double(), kk.double(), vv.double(), attn_mask=mask).transpose(1, 2)
     with step_attention():
         sdpa = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask).transpose(1, 2)
     split = fn(q, k, v, mask, None)
-    split_error = (split.float() - ref).abs().max().item()
-    sdpa_error = (sdpa.float() - ref).abs().max().item()
+    split_error = (split.double() - ref).abs().max().item()
+    sdpa_error = (sdpa.double() - ref).abs().max().item()
     unit = torch.finfo(dtype).eps * ref.abs().max().item()
     return SplitCheck(split_error, sdpa_error, split_error <= max(2 * sdpa_error, 4 * unit))
 
@@ -143,7 +144,7 @@ class StepAttention:
             return None, why
         if not got.ok:
             why = (f"the split kernel's error {got.split_error:.3g} is more than twice SDPA's {got.sdpa_error:.3g} "
-                   "against fp32 attention")
+                   "against fp64 attention")
             log.warning("codetune: %s; decoding with SDPA", why)
             return None, why
         return SPLIT_NAME, None
