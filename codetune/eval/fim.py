@@ -1,15 +1,20 @@
 """Fill-in-the-middle accuracy on held-out code: hide one line (single-line) or a span of lines
 (multi-line), give the model the prefix and suffix in stable-code's PSM format and let it write the
-middle until EOS. Scored by exact match and edit similarity. Fine-tuning without FIM data can silently
-destroy infilling while plain completion looks fine; this suite is what notices."""
+middle until EOS. Scored by exact match and edit similarity, and by the teacher-forced loss of the
+reference middle with and without the suffix (eval/fim_loss.py: sensitive where a small model's exact
+match sits at 0%). Fine-tuning without FIM data can silently destroy infilling while plain completion
+looks fine; this suite is what notices."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from codetune import registry
+from codetune.eval import fim_loss
 from codetune.eval.generation import GenSettings, GenStats, generate
 from codetune.eval.humaneval import write_jsonl
 from codetune.model.arch import SpecialTokens
@@ -162,12 +167,26 @@ def score_one(task: FimTask, generated: str) -> dict:
     return {"exact": p == t, "edit_similarity": edit_similarity(p, t), "prediction": pred}
 
 
+def loss_queries(tasks: list[FimTask], tokens: SpecialTokens | None = None) -> list[fim_loss.Query]:
+    """Per task, the two prompts its middle's loss is taken after: the generation's, and the same with the
+    suffix empty (the control: what the prefix alone predicts)."""
+    return [fim_loss.Query(prompt(t, tokens), prompt(dataclasses.replace(t, suffix=""), tokens), t.middle)
+            for t in tasks]
+
+
+def _middle_losses(model, tok, tasks: list[FimTask], tokens, batch_size: int) -> tuple[list[fim_loss.MiddleLoss], dict]:
+    start = time.perf_counter()
+    losses = fim_loss.middle_losses(model, tok, loss_queries(tasks, tokens), batch_size)
+    return losses, fim_loss.summarise(losses, time.perf_counter() - start)
+
+
 def evaluate(model, tok, tasks: list[FimTask], ecfg, out_dir: Path, log=print) -> dict:
     """Run both kinds; writes fim.jsonl (one row per task) and returns per-kind means."""
     if not tasks:
         raise ValueError("no FIM tasks could be built: the held-out documents are missing or too short "
                          f"(need >= {MIN_LINES} lines); give --fim-source DIR or prepare more validation data")
     rows, out = [], {}
+    tokens = registry.tokens_in(tok)
     for kind in KINDS:
         ktasks = [t for t in tasks if t.kind == kind]
         if not ktasks:
@@ -176,15 +195,18 @@ def evaluate(model, tok, tasks: list[FimTask], ecfg, out_dir: Path, log=print) -
         stop = ("\n",) if kind == "single_line" else ()
         stats = GenStats()
         log(f"fim {kind}: {len(ktasks)} tasks")
-        tokens = registry.tokens_in(tok)
         gens = generate(model, tok, [prompt(t, tokens) for t in ktasks],
                         GenSettings(max_new_tokens=budget, stop=stop, batch_size=ecfg.gen_batch_size,
                                     decode=ecfg.eval_decode), stats)
         scores = [score_one(t, g) for t, g in zip(ktasks, gens)]
-        rows += [{**asdict(t), **s} for t, s in zip(ktasks, scores)]
+        losses, loss_summary = _middle_losses(model, tok, ktasks, tokens, ecfg.gen_batch_size)
+        rows += [{**asdict(t), **s, **m.as_row()} for t, s, m in zip(ktasks, scores, losses)]
         out[kind] = {"tasks": len(ktasks), "exact_match": sum(s["exact"] for s in scores) / len(ktasks),
                      "edit_similarity": sum(s["edit_similarity"] for s in scores) / len(ktasks),
-                     "generation": stats.as_dict()}
-        log(f"fim {kind}: exact={out[kind]['exact_match']:.3f} edit_sim={out[kind]['edit_similarity']:.3f}")
+                     "generation": stats.as_dict(), **loss_summary}
+        gain = loss_summary["middle_loss_intervals"]["suffix_gain"]
+        log(f"fim {kind}: exact={out[kind]['exact_match']:.3f} edit_sim={out[kind]['edit_similarity']:.3f} "
+            f"middle_loss={loss_summary['middle_loss']:.3f} suffix_gain={loss_summary['suffix_gain']:+.3f} "
+            f"[{gain['low']:+.3f}, {gain['high']:+.3f}] ({loss_summary['middle_loss_cost']['seconds']:.1f} s)")
     write_jsonl(out_dir / ITEMS_FILE, rows)
     return out

@@ -26,7 +26,7 @@ PUBLISHED_PASS1 = 0.324  # stable-code-3b's published HumanEval (Python) pass@1
 class Metric:
     label: str
     path: tuple[str, ...]  # where the aggregate sits in a model's results
-    kind: str              # "proportion" (pass/fail items), "mean" (0..1 per item), "loss", "perplexity"
+    kind: str              # "proportion" (pass/fail items), "mean" (0..1 per item), "loss" (nats/token), "perplexity"
     higher_is_better: bool
     unit: str              # what n counts
 
@@ -42,7 +42,25 @@ METRICS = [
     Metric("FIM single-line edit similarity", ("fim", "single_line", "edit_similarity"), "mean", True, "tasks"),
     Metric("FIM multi-line exact match", ("fim", "multi_line", "exact_match"), "proportion", True, "tasks"),
     Metric("FIM multi-line edit similarity", ("fim", "multi_line", "edit_similarity"), "mean", True, "tasks"),
+    # teacher-forced (eval/fim_loss.py): the reference middle's loss, and how much the suffix lowers it
+    Metric("FIM single-line middle loss (nats/token)", ("fim", "single_line", "middle_loss"), "loss", False, "tasks"),
+    Metric("FIM single-line suffix gain (nats/token)", ("fim", "single_line", "suffix_gain"), "loss", True, "tasks"),
+    Metric("FIM multi-line middle loss (nats/token)", ("fim", "multi_line", "middle_loss"), "loss", False, "tasks"),
+    Metric("FIM multi-line suffix gain (nats/token)", ("fim", "multi_line", "suffix_gain"), "loss", True, "tasks"),
 ]
+
+
+@dataclass(frozen=True)
+class ItemField:
+    """fim.jsonl's per-task field behind a FIM aggregate, and the field weighting it (None: every task alike)."""
+    value: str
+    weight: str | None = None
+
+
+FIM_ITEM_FIELDS = {"exact_match": ItemField("exact"), "edit_similarity": ItemField("edit_similarity"),
+                   # token-weighted, as fim_loss.summarise averages them
+                   "middle_loss": ItemField("middle_nats", "middle_tokens"),
+                   "suffix_gain": ItemField("suffix_gain", "middle_tokens")}
 
 
 COUNT_KEY = {"loss": "sequences", "humaneval": "problems", "fim": "tasks"}  # n beside each suite's aggregate
@@ -53,7 +71,7 @@ class Items:
     """One model's per-item values of a metric, keyed so two models' items can be paired."""
     keys: tuple
     values: np.ndarray
-    weights: np.ndarray | None = None  # target tokens per sequence, for the loss
+    weights: np.ndarray | None = None  # target tokens per sequence (val loss) or per middle (FIM loss)
 
 
 @dataclass(frozen=True)
@@ -97,12 +115,19 @@ def read_items(metric: Metric, results: dict, item_dir: Path | None) -> Items | 
             return None
         vals = [float(r["passed"] > 0) if mode == "greedy" else pass_at_k(r["n"], r["passed"], k) for r in rows]
         return Items(tuple(r["task_id"] for r in rows), np.asarray(vals))
+    return _fim_items(metric, item_dir)
+
+
+def _fim_items(metric: Metric, item_dir: Path) -> Items | None:
+    """Tasks are made deterministically, so both models see them in the same order; rows written before a
+    field existed (an older eval) give no items for it."""
     rows = [r for r in _jsonl(item_dir / fim.ITEMS_FILE) if r.get("kind") == metric.path[1]]
-    if not rows:
+    f = FIM_ITEM_FIELDS[metric.path[2]]
+    if not rows or any(f.value not in r or (f.weight and f.weight not in r) for r in rows):
         return None
-    field = "exact" if metric.path[2] == "exact_match" else "edit_similarity"
-    # tasks are made deterministically, so both models see them in the same order
-    return Items(tuple(f"{i}:{r.get('name')}" for i, r in enumerate(rows)), np.asarray([float(r[field]) for r in rows]))
+    keys = tuple(f"{i}:{r.get('name')}" for i, r in enumerate(rows))
+    weights = np.asarray([float(r[f.weight]) for r in rows]) if f.weight else None
+    return Items(keys, np.asarray([float(r[f.value]) for r in rows]), weights)
 
 
 def _items_mean(items: Items) -> float:

@@ -49,6 +49,8 @@ def test_compare_end_to_end(adapter_dir, data_dir, tmp_path):
         assert r["humaneval"]["greedy"]["problems"] == 2 and "pass@1" in r["humaneval"]["sampled"]
         assert r["humaneval"]["sandbox"]["python"]
         assert set(r["fim"]) == {"single_line", "multi_line"}
+    # the teacher-forced FIM loss too runs on the base with the adapter off
+    assert base["fim"]["multi_line"]["middle_loss"] != pytest.approx(tuned["fim"]["multi_line"]["middle_loss"])
     for label in ("base", "tuned"):
         assert len((out / label / "humaneval_greedy.jsonl").read_text().splitlines()) == 2
         rows = [json.loads(x) for x in (out / label / "humaneval_sampled.jsonl").read_text().splitlines()]
@@ -57,6 +59,7 @@ def test_compare_end_to_end(adapter_dir, data_dir, tmp_path):
     text = (out / "report.md").read_text()
     assert "| metric | n | base [95% CI] | tuned [95% CI] | change [95% CI] | verdict |" in text
     assert "not tested" not in text  # every row paired through the per-model files
+    assert "| FIM single-line middle loss (nats/token) | 2 tasks |" in text and "| FIM multi-line suffix gain" in text
     assert (out / "metrics.png").exists() and (out / "loss_curves.png").exists()
 
 
