@@ -23,10 +23,17 @@ CASES = {"a": "2,000-token prompt + 32 new", "b": "32-token prompt + 128 new", "
 def load(d: Path) -> dict:
     env = json.loads((d / "env.json").read_text().splitlines()[0])
     rows = [json.loads(ln)["result"] for ln in (d / "results.jsonl").read_text().splitlines() if ln.strip()]
+    run = 0
+    for r in rows:  # each decode_bench process starts with its header record: ratios stay within one process
+        if r.get("bench") == "decode" and "mode" not in r:
+            run += 1
+        elif "mode" in r:
+            r["run"] = run
     evals = [json.loads(f.read_text()) for f in sorted(d.glob("humaneval_compare_*.json"))]
     return {"dir": d.name, "env": env, "decode": [r for r in rows if "mode" in r],
             "exactness": [r for r in rows if r.get("check") == "graph-exactness"], "eval": evals,
-            "agreement": [r for r in rows if "kinds" in r and "modes" in r]}  # bench/decode_agreement.py
+            "agreement": [r for r in rows if "kinds" in r and "modes" in r],  # bench/decode_agreement.py
+            "serve": [r for r in rows if r.get("bench") == "serve"]}  # bench/serve_latency.py
 
 
 def model_of(call: dict) -> str:
@@ -50,18 +57,34 @@ def greedy_cell(r: dict) -> str:
     return f"differs from token {r['first_mismatch']} (gap {ulps:.1f} bf16 ulps)"
 
 
+def attention_cell(r: dict) -> str:
+    """The static-cache step's attention (model/step_attention.py); records from before it was chosen: SDPA."""
+    if r["mode"] in ("codetune-eager",) or r["mode"].startswith("hf-"):
+        return "SDPA"
+    why = r.get("split_attention")
+    return "split-KV" if why == "on" else "SDPA" if why in (None, "not asked for") else f"SDPA ({why[:60]})"
+
+
 def decode_table(call: dict) -> list[str]:
     rows = [r for r in call["decode"] if "tok_s" in r or "error" in r]
+    runs = sorted({r.get("run", 0) for r in rows})
+    out = []
+    for run in runs:  # one table per decode_bench process (its eager loop and its generate are the ratios' base)
+        out += _decode_rows([r for r in rows if r.get("run", 0) == run])
+    return out
+
+
+def _decode_rows(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     eager = {(r["precision"], r["case"]): r for r in rows if r["mode"] == "codetune-eager" and "tok_s" in r}
     hf = {(r["precision"], r["case"]): r for r in rows if r["mode"] == "hf-dynamic" and "tok_s" in r}
-    out = ["| precision | case | mode | tok/s | latency s | vs codetune eager | vs transformers generate "
-           "| greedy vs codetune eager | graphs |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| precision | case | mode | attention | tok/s | latency s | vs codetune eager | vs transformers generate "
+           "| greedy vs codetune eager | graphs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         k = (r["precision"], r["case"])
         if "error" in r:
-            out.append(f"| {k[0]} | {k[1]} | {r['mode']} | failed: {r['error'][:90]} | | | | | |")
+            out.append(f"| {k[0]} | {k[1]} | {r['mode']} | | failed: {r['error'][:90]} | | | | | |")
             continue
         e, h = eager.get(k), hf.get(k)
         stats = r.get("decode_stats") or {}
@@ -69,7 +92,7 @@ def decode_table(call: dict) -> list[str]:
                   else f"off: {stats['fallback']}" if stats.get("fallback") else "none")
         vs_eager = f"{r['tok_s'] / e['tok_s']:.2f}×" if e else "–"
         vs_hf = f"{r['tok_s'] / h['tok_s']:.2f}×" if h else "–"
-        out.append(f"| {k[0]} | {k[1]} | {r['mode']} | {r['tok_s']:,.1f} | {r['latency_s']:.3f} | {vs_eager} | "
+        out.append(f"| {k[0]} | {k[1]} | {r['mode']} | {attention_cell(r)} | {r['tok_s']:,.1f} | {r['latency_s']:.3f} | {vs_eager} | "
                    f"{vs_hf} | {greedy_cell(r)} | {graphs} |")
     return out + [""]
 
@@ -134,7 +157,27 @@ def agreement_table(call: dict) -> list[str]:
     return out
 
 
-def plot(calls: list[dict], path: Path) -> None:
+def serve_table(call: dict) -> list[str]:
+    """`codetune serve` end to end through the openai client (bench/serve_latency.py): one table row per
+    phase of each server configuration; the server's own decoding line under it."""
+    rows = [r for r in call["serve"] if "p50_ms" in r]
+    if not rows:
+        return []
+    r0 = rows[0]
+    out = [f"`codetune serve`, FIM requests of {r0['prefix_tokens']:,} + {r0['suffix_tokens']:,} tokens around, "
+           f"{r0['new_tokens']} new, greedy, through the openai client ({r0['precision']}, --decode {r0['decode']}):", "",
+           "| serve flags | clients | answered | p50 ms | p95 ms | new tokens/s | aggregate vs one client |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        agg = r.get("aggregate_vs_one_client")
+        out.append(f"| {' '.join(r['serve_flags']) or '(defaults)'} | {r['clients']} | {r['answered']}/{r['requests']} | "
+                   f"{r['p50_ms']:,.1f} | {r['p95_ms']:,.1f} | {r['tokens_per_s']:,.1f} | "
+                   f"{'–' if agg is None else f'{agg:.2f}×'} |")
+    servers = [r["decoding"] for r in call["serve"] if r.get("phase") == "server"]
+    return out + [""] + [f"- {d}" for d in servers] + [""]
+
+
+def plot(calls: list[dict], path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,9 +187,10 @@ def plot(calls: list[dict], path: Path) -> None:
     for call in calls:
         for r in call["decode"]:
             if "latency_s" in r:
-                last[(r["precision"], r["case"], r["mode"])] = r["latency_s"]
+                split = " split-KV" if r.get("split_attention") == "on" else ""
+                last[(r["precision"], r["case"], r["mode"] + split)] = r["latency_s"]
     if not last:
-        return
+        return False
     keys = sorted({(p, c) for p, c, _ in last})
     modes = sorted({m for _, _, m in last})
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -160,6 +204,7 @@ def plot(calls: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 def main() -> None:
@@ -181,9 +226,10 @@ def main() -> None:
         e = call["env"]
         lines += [f"## Call {call['dir']}: suite {e.get('suite')}, commit {e.get('commit')}", "",
                   f"Model: {model_of(call)}.", ""]
-        lines += exactness_table(call) + decode_table(call) + eval_table(call) + agreement_table(call)
-    plot(calls, stem.with_suffix(".png"))
-    lines += [f"![latency]({stem.with_suffix('.png').name})", ""]
+        lines += (exactness_table(call) + decode_table(call) + eval_table(call) + agreement_table(call)
+                  + serve_table(call))
+    if plot(calls, stem.with_suffix(".png")):
+        lines += [f"![latency]({stem.with_suffix('.png').name})", ""]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

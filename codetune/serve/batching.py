@@ -16,8 +16,8 @@ stay valid wherever the span sits as long as the row's queries carry its own pos
 attention mask covers exactly its span (ones from `start` on: positions past p are cut by causality and
 overwritten before anyone attends to them). A prompt longer than p shifts every live span right first,
 and a step at p == L shifts them left (to the longest span) first: `_relayout`, in place, so a captured
-graph's buffers stay where they were. Free rows attend to everything (never an all-masked row, whose
-softmax is NaN) and their results are dropped.
+graph's buffers stay where they were. Free rows attend only to the key they write at this step (never an
+all-masked row, whose softmax is NaN) and their results are dropped.
 
 The one-token step is replayed as a CUDA graph where asked (model/static_cache.capture_step: exact or
 fall back, one warning); the graph reads the token, position and mask buffers and the cache's own
@@ -319,9 +319,14 @@ class BatchScheduler:
                 # to the longest span (a row's span is as long as its next position id): below L, as no
                 # row steps past its prompt + max_tokens <= L
                 self._relayout(max(t.pos for t in live))
-            for row, t in enumerate(self._rows):
-                if t is None:  # a free row: any finite input, dropped
-                    slot.mask[row].fill_(1)
+            free = [row for row, t in enumerate(self._rows) if t is None]
+            if free:
+                # a free row's result is dropped; it attends only to the key it writes now: finite, and it
+                # costs its mask bytes only where the step's attention reads just the keys a mask keeps
+                # (split-KV attention, model/step_attention.py), not a full row of the cache per step
+                rows = torch.tensor(free, device=slot.mask.device)
+                slot.mask[rows] = 0
+                slot.mask[rows, self._p] = 1
             slot.token.copy_(torch.tensor([[0 if t is None else t.token] for t in self._rows]))
             slot.pos.copy_(torch.tensor([[0 if t is None else t.pos] for t in self._rows]))
             logits = self._step()[:, -1, :]

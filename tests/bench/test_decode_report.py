@@ -49,7 +49,7 @@ def test_a_trained_models_call_names_it_and_renders_the_fim_agreement(render):
                  _agreement(differing=2)])
     assert "## Call call1: suite bench/suites/trained-decode.txt, commit abc1234" in md
     assert "Model: trained model runs/quality/pretrained." in md and "random-init stable-code-3b shape" not in md
-    assert "| bf16 | b | codetune-graph | 1,280.0 | 0.200 | 2.00× | – | identical |" in md
+    assert "| bf16 | b | codetune-graph | SDPA | 1,280.0 | 0.200 | 2.00× | – | identical |" in md
     assert ("| single_line | 100 | 31.0% | 29.0% | 62.0% | 61.0% | 2 | -0.020 [-0.050, +0.030] | "
             "-0.020 [-0.050, +0.030] |") in md
     assert "Verdict: no significant change." in md
@@ -60,3 +60,16 @@ def test_identical_predictions_and_old_records_without_a_model(render):
     del old["model"], old["trained"]
     md = render([old, _agreement(differing=0)])
     assert "Model: random-init stable-code-3b shape." in md and "Verdict: identical predictions." in md
+
+
+def test_each_decode_bench_process_gets_its_own_table_and_ratios(render):
+    """Two decode_bench runs in one call (the split-KV / SDPA A/B): each ratio is against its own run's eager
+    loop, and the attention column says which kernel each graphed step ran."""
+    header = {"bench": "decode", "gpu": "NVIDIA H200"}
+    md = render([header, _row(mode="codetune-eager", tok_s=50.0),
+                 _row(mode="codetune-graph", tok_s=200.0, split_attention="on"),
+                 header, _row(mode="codetune-eager", tok_s=40.0),
+                 _row(mode="codetune-graph", tok_s=120.0, split_attention="not asked for")])
+    assert "| bf16 | b | codetune-graph | split-KV | 200.0 | 0.200 | 4.00× |" in md
+    assert "| bf16 | b | codetune-graph | SDPA | 120.0 | 0.200 | 3.00× |" in md
+    assert md.count("| precision | case | mode | attention |") == 2

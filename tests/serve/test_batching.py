@@ -271,3 +271,26 @@ def test_the_cache_is_allocated_at_start_and_one_that_does_not_fit_is_one_line(t
     with pytest.raises(ConfigError, match=r"--max-batch 4 x --batch-context 256: the running batch's KV cache .* "
                                           r"does not fit in GPU memory beside the model; lower --max-batch"):
         Engine(*tiny_model, max_batch=4, batch_context=256)
+
+
+def test_free_rows_attend_to_one_key_and_split_attention_serves_the_same(tiny_model):
+    """A running batch with free rows, its steps on the split-KV path (the kernel's PyTorch form, as on the
+    CPU no Triton runs): the completion equals the request alone, and each free row's mask keeps one key
+    (the one it writes), so split attention reads nothing else of that row."""
+    from codetune.model.step_attention import REFERENCE_NAME, StepAttention
+
+    model, tok = tiny_model
+    sched = BatchScheduler(model, rows=3, length=128, graphs=False)
+    sched.attention = StepAttention(model, reference=True)
+    assert sched.attention.name == REFERENCE_NAME
+    ids = prompt_ids(tok, PROMPTS[1])
+    params = SamplingParams(max_new_tokens=12)
+    decoder = sched.decoder()
+    try:
+        got = generate_text(model, tok, ids, params, decoder=decoder)
+    finally:
+        decoder.release()
+    mask = sched._slot.mask.clone()
+    sched.close()
+    assert same(got, alone(tiny_model, ids, params))
+    assert sched.stats.steps > 0 and mask[1:].sum(dim=1).tolist() == [1, 1]
