@@ -107,10 +107,24 @@ def typed(prefix: str, i: int, typing: bool) -> str:
     return prefix + (TYPED * (1 + 3 * i // len(TYPED)))[:3 * i] if typing else prefix
 
 
+def server_timing(header: str | None) -> dict[str, float]:
+    """`codetune serve`'s Server-Timing header (serve/app.Timing) as {part: ms}; {} where it is absent."""
+    out = {}
+    for item in (header or "").split(","):
+        name, _, dur = item.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur)
+    return out
+
+
 def one_request(client, prefix: str, suffix: str, new: int) -> dict:
     t0 = time.perf_counter()
-    r = client.completions.create(model="bench", prompt=prefix, suffix=suffix, max_tokens=new, temperature=0)
-    return {"s": time.perf_counter() - t0, "tokens": r.usage.completion_tokens, "prompt_tokens": r.usage.prompt_tokens}
+    raw = client.completions.with_raw_response.create(model="bench", prompt=prefix, suffix=suffix, max_tokens=new,
+                                                      temperature=0)
+    s = time.perf_counter() - t0
+    r = raw.parse()
+    return {"s": s, "tokens": r.usage.completion_tokens, "prompt_tokens": r.usage.prompt_tokens,
+            "server_ms": server_timing(raw.headers.get("server-timing"))}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -126,7 +140,19 @@ def summary(phase: str, done: list[dict], failed: list[str], seconds: float, cli
             "mean_ms": round(statistics.mean(lat) * 1e3, 1) if lat else None,
             "prompt_tokens": done[0]["prompt_tokens"] if done else None,
             "completion_tokens": sum(d["tokens"] for d in done), "seconds": round(seconds, 3),
-            "tokens_per_s": round(sum(d["tokens"] for d in done) / seconds, 1) if seconds else None}
+            "tokens_per_s": round(sum(d["tokens"] for d in done) / seconds, 1) if seconds else None,
+            **split_latency(done)}
+
+
+def split_latency(done: list[dict]) -> dict:
+    """Where the median request's time went: the server's parts (medians of each) and what the client saw
+    beyond the server's total (HTTP, JSON, the openai client), the median of the per-request differences."""
+    timed = [d for d in done if "total" in d["server_ms"]]
+    if not timed:
+        return {}
+    parts = {k: round(statistics.median(d["server_ms"][k] for d in timed), 2) for k in timed[0]["server_ms"]}
+    outside = statistics.median(d["s"] * 1e3 - d["server_ms"]["total"] for d in timed)
+    return {"server_p50_ms": parts, "outside_server_p50_ms": round(outside, 2)}
 
 
 def run_phase(client, phase: str, clients: int, requests: int, prefix: str, suffix: str, new: int,

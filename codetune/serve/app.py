@@ -53,6 +53,23 @@ CLI_FLAGS = [
 ]
 
 
+@dataclasses.dataclass
+class Timing:
+    """Where a non-streamed request's time went on the server, as a standard Server-Timing header (ms):
+    `prepare` (parsing, checks and tokenizing, to the job's submission), `prompt` (the prompt's forward
+    pass, to the first token), `decode` (the tokens after it), `total` (arrival to the response's body,
+    so total - prompt - decode is queueing and the server's own overhead). For the first choice; what a
+    client measures beyond `total` is HTTP and its own (bench/serve_latency.py reports both)."""
+    arrived: float
+    response: object  # fastapi.Response: its headers go out with the JSON body
+
+    def report(self, submitted: float, done: list) -> None:
+        c = done[0]
+        parts = {"prepare": submitted - self.arrived, "prompt": c.prefill_s, "decode": c.decode_s,
+                 "total": time.perf_counter() - self.arrived}
+        self.response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1e3:.2f}" for k, v in parts.items())
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -179,21 +196,23 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
         return req
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: Request):
+    async def completions(request: Request, response: Response):
+        arrived = time.perf_counter()
         req = checked(await request.body(), CompletionRequest)
         check_prompt_bytes(req, max_tokens_of(req, limits), context, limits)
         # tokenizing up to a MiB of prompt should not stall the event loop
         spec = await asyncio.to_thread(completion_job, req, engine.tokenizer, limits, context)
-        return await respond(request, req, spec, TextShape())
+        return await respond(request, req, spec, TextShape(), Timing(arrived, response))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(request: Request):
+    async def chat_completions(request: Request, response: Response):
+        arrived = time.perf_counter()
         req = checked(await request.body(), ChatCompletionRequest)
         if chat.refusal is not None:
             raise ApiError(400, chat.refusal, param="model", code="no_chat_template")
         check_prompt_bytes(req, max_tokens_of(req, limits), context, limits)
         spec = await asyncio.to_thread(chat_job, req, engine.tokenizer, chat.rendering, limits, context)
-        return await respond(request, req, spec, ChatShape())
+        return await respond(request, req, spec, ChatShape(), Timing(arrived, response))
 
     @app.post("/infill", dependencies=[Depends(authorize)])
     async def infill(request: Request):
@@ -216,7 +235,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
                    for i, c in enumerate(job.future.result())]
         return results[0] if len(results) == 1 else results  # llama.cpp answers n_cmpl > 1 with a list
 
-    async def respond(request: Request, req, spec, shape):
+    async def respond(request: Request, req, spec, shape, timing: "Timing"):
         head = {"id": f"{shape.id_prefix}{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time()),
                 "model": model_name}
         gone = Response(status_code=499)  # never sent (the client has gone); nginx's code, for the record
@@ -237,6 +256,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(request, dict(head, object=shape.chunk_object), shape, job, pieces,
                                             spec.prompt_tokens, include_usage), media_type="text/event-stream")
+        submitted = time.perf_counter()
         job = submit(spec.prompts, spec.params)
         if not await wait_for_worker(request, job):
             return gone
@@ -245,6 +265,7 @@ def create_app(engine, model_name: str = "codetune", limits: Limits | None = Non
             log.info("%s disconnected; stopped generating for it", peer(request.client))
             return gone
         done = job.future.result()  # a generation error propagates: RequestGuard answers a generic 500
+        timing.report(submitted, done)
         return dict(head, choices=[shape.choice(i, c) for i, c in enumerate(done)],
                     usage=usage(spec.prompt_tokens, done))
 

@@ -26,5 +26,11 @@ def test_serve_latency_reports_both_phases(tmp_path):
         assert r["answered"] == r["requests"] == 4 and not r["failed"]
         assert 0 < r["p50_ms"] <= r["p95_ms"] and 0 < r["completion_tokens"] <= 4 * 4
         assert r["prompt_tokens"] > 60  # prefix + suffix + the FIM tokens
+        # the server's Server-Timing parts: each non-negative, the total covering prompt + decode and within
+        # what the client measured
+        parts = r["server_p50_ms"]
+        assert set(parts) == {"prepare", "prompt", "decode", "total"} and min(parts.values()) >= 0
+        assert parts["prompt"] + parts["decode"] <= parts["total"] * 1.05 and r["outside_server_p50_ms"] >= 0
+        assert parts["total"] <= r["p95_ms"]
     assert many["aggregate_vs_one_client"] > 0
     assert server["decoding"].endswith("static KV cache")
