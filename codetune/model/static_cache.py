@@ -75,9 +75,8 @@ def step_attention(backends: tuple[str, ...] = STEP_SDPA):
     cuDNN attention gave the same bf16 inputs a result one ulp apart on another stream, so a captured step
     never matched its eager reference and bf16 decoding lost its graphs; flash, memory-efficient and math
     attention are stream-independent (bench/graph_exactness.py, bench/results/decode_h200_2026-12-01_s7.md).
-    `backends`, a subset of STEP_SDPA, is bench/decode_bench.py's A/B (--step-sdpa): with the cache's mask
-    the memory-efficient kernel runs, which has one query a head to spread over the GPU; math attention's
-    batched products may do better on long caches (unmeasured)."""
+    `backends`, a subset of STEP_SDPA: what model/step_attention.StepAttention allows besides its own
+    split-KV kernel (which takes the one-token steps where it runs; the prompt's pass is always SDPA's)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
