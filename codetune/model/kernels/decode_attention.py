@@ -4,9 +4,9 @@ Why: a decode step has one query a head. SDPA's memory-efficient kernel gives ea
 that walks every key of the cache in turn: 32 blocks on a 132-SM H200, so at a 4,096-position cache the
 32 layers' attention took most of a graphed stable-code-3b step at a 2k context (bench/decode_profile.py;
 the records: bench/results/decode_h200_2026-12-01_s10-split.md, docs/performance.md). Here the keys are
-cut into `splits` chunks and every (row, head, chunk) is its own program: each computes its chunk's running max, sum of exponentials and
-weighted sum of values in fp32 (the online softmax), and a second small kernel combines the chunks. The
-cache is read once, spread over the whole GPU.
+cut into `splits` chunks and every (row, head, chunk) is its own program: each computes its chunk's
+running max, sum of exponentials and weighted sum of values in fp32 (the online softmax), and a second
+small kernel combines the chunks. The cache is read once, spread over the whole GPU.
 
 Numerics: scores, softmax and accumulation in fp32, the output rounded once to the inputs' dtype — the
 same math as SDPA's kernels, in another order of summation, so results agree to rounding, not bit for bit.
