@@ -103,3 +103,18 @@ def test_graph_exact_or_fall_back(tiny_model, tokenizer, fake_cuda_graphs, caplo
         assert len(warnings) == 1 and d.stats.captured == 0 and d.stats.replays == 0 and not d.graphs
         why = "differ from the eager step's" if mode == "differ" else "capture failed (RuntimeError"
         assert why in d.stats.fallback
+
+
+def test_a_padded_batch_on_split_attention_gives_generate_s_ids(tiny_model, tokenizer):
+    """The batch's steps on the split-KV path (its PyTorch form: no Triton on the CPU) read the left-padded
+    mask as SDPA does: the same ids as transformers' generate."""
+    from codetune.model.step_attention import REFERENCE_NAME, StepAttention
+
+    enc = _enc(tokenizer, PROMPTS)
+    n = 16
+    ref = tiny_model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n,
+                              do_sample=False, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
+    d = BatchDecoder(tiny_model)
+    d.attention = StepAttention(tiny_model, reference=True)
+    assert d.attention.name == REFERENCE_NAME
+    assert d.greedy(enc["input_ids"], enc["attention_mask"], n, end_ids=[]) == ref[:, enc["input_ids"].shape[1]:].tolist()
