@@ -65,17 +65,22 @@ def test_the_triton_kernel_matches_the_algorithm_in_the_interpreter(tmp_path):
         "import torch\n"
         "from codetune.model.kernels import decode_attention as da\n"
         "from tests_inputs import make\n"
-        "q, k, v, mask = make()\n"
-        "ref = da.split_attention_reference(q, k, v, mask, splits=5)\n"
-        "out = da.split_attention(q, k, v, mask, sms=2)\n"
-        "fl = da.split_attention(q, k, v, torch.where(mask, 0.0, -1e30), sms=2)\n"
-        "print(float((out - ref).abs().max()), float((fl - ref).abs().max()))\n")
+        "errors = []\n"
+        "for d in (80, 112, 64):\n"
+        "    q, k, v, mask = make(d)\n"
+        "    ref = da.split_attention_reference(q, k, v, mask, splits=5)\n"
+        "    for two in (True, False):\n"
+        "        out = da.split_attention(q, k, v, mask, sms=2, two_tiles=two)\n"
+        "        errors.append(float((out - ref).abs().max()))\n"
+        "    fl = da.split_attention(q, k, v, torch.where(mask, 0.0, -1e30), sms=2, block_n=16, num_warps=2)\n"
+        "    errors.append(float((fl - ref).abs().max()))\n"
+        "print(*errors)\n")
     (tmp_path / "tests_inputs.py").write_text(
         "import torch\n"
-        "def make():\n"
+        "def make(d):\n"
         "    g = torch.Generator().manual_seed(1)\n"
-        "    q = torch.randn(2, 4, 1, 80, generator=g); k = torch.randn(2, 2, 300, 80, generator=g)\n"
-        "    v = torch.randn(2, 2, 300, 80, generator=g)\n"
+        "    q = torch.randn(2, 4, 1, d, generator=g); k = torch.randn(2, 2, 300, d, generator=g)\n"
+        "    v = torch.randn(2, 2, 300, d, generator=g)\n"
         "    m = torch.zeros(2, 1, 1, 300, dtype=torch.bool); m[0, ..., :263] = True; m[1, ..., :29] = True\n"
         "    return q, k, v, m\n")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,6 +90,12 @@ def test_the_triton_kernel_matches_the_algorithm_in_the_interpreter(tmp_path):
     assert got.returncode == 0, got.stderr[-2000:]
     errors = [float(x) for x in got.stdout.split()]
     assert max(errors) < 1e-5, errors
+
+
+def test_a_head_is_cut_into_unmasked_power_of_two_tiles_where_it_can_be():
+    assert [da.head_tiles(d) for d in (64, 80, 96, 112, 128, 256)] == [(64, 0), (64, 16), (64, 32), (128, 0),
+                                                                      (128, 0), (256, 0)]
+    assert da.head_tiles(80, two_tiles=False) == (128, 0)  # the masked single tile (the sweep's A/B)
 
 
 def test_the_first_use_check_passes_the_algorithm_and_fails_a_wrong_kernel():

@@ -30,7 +30,12 @@ try:
 except ImportError:  # CPU-only installs: callers check `available()` and use SDPA
     triton = None
 
+# The launch's shape. Chosen, not tuned: bench/decode_attention_sweep.py times the alternatives on a GPU
+# against the bandwidth the keys and values need (session 10's first measurement, far from it:
+# docs/performance.md), and these move to what it finds.
 BLOCK_N = 64  # keys per inner tile
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 4
 NEG = -1.0e30  # the running max's start: finite, so a chunk with every key masked gives weight 0, not NaN
 
 
@@ -38,13 +43,14 @@ def available() -> bool:
     return triton is not None
 
 
-def plan_splits(length: int, rows_heads: int, sms: int) -> tuple[int, int]:
-    """(splits, keys per split) for a cache of `length` keys and B*H (row, head) pairs: about four
-    programs per SM, each chunk a whole number of BLOCK_N tiles."""
-    want = max(1, math.ceil(4 * sms / max(rows_heads, 1)))
-    tiles = max(1, math.ceil(length / BLOCK_N))
+def plan_splits(length: int, rows_heads: int, sms: int, block_n: int = BLOCK_N,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(splits, keys per split) for a cache of `length` keys and B*H (row, head) pairs: about
+    `programs_per_sm` programs per SM, each chunk a whole number of `block_n` tiles."""
+    want = max(1, math.ceil(programs_per_sm * sms / max(rows_heads, 1)))
+    tiles = max(1, math.ceil(length / block_n))
     splits = min(want, tiles)
-    chunk = math.ceil(tiles / splits) * BLOCK_N
+    chunk = math.ceil(tiles / splits) * block_n
     return math.ceil(length / chunk), chunk
 
 
@@ -93,19 +99,29 @@ if triton is not None:
                         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, smk_b, smk_n,
                         length, heads, group, splits, scale,
                         CHUNK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, D: tl.constexpr,
+                        DA: tl.constexpr, MASK_A: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+        # a head's D values as one tile of DA (masked past D where MASK_A) and, where HAS_B, a second
+        # of DB at DA (80 = 64 + 16): unmasked along the row, so the loads stay vectorized
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // heads
         hk = (bh % heads) // group
-        d = tl.arange(0, BLOCK_D)
-        dmask = d < D
-        q = tl.load(q_ptr + b.to(tl.int64) * sq_b + (bh % heads) * sq_h + d, mask=dmask, other=0.0).to(tl.float32)
+        da = tl.arange(0, DA)
+        q_row = q_ptr + b.to(tl.int64) * sq_b + (bh % heads) * sq_h
+        if MASK_A:
+            qa = tl.load(q_row + da, mask=da < D, other=0.0).to(tl.float32)
+        else:
+            qa = tl.load(q_row + da).to(tl.float32)
+        if HAS_B:
+            db = DA + tl.arange(0, DB)
+            qb = tl.load(q_row + db).to(tl.float32)
+            acc_b = tl.zeros((DB,), tl.float32)
         k_base = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
         v_base = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
         m_i = tl.full((), -1.0e30, tl.float32)
         l_i = tl.zeros((), tl.float32)
-        acc = tl.zeros((BLOCK_D,), tl.float32)
+        acc_a = tl.zeros((DA,), tl.float32)
         start = split * CHUNK
         end = tl.minimum(start + CHUNK, length)
         for t in range(0, CHUNK, BLOCK):  # (a constant trip count: the last split's tail is masked)
@@ -121,18 +137,34 @@ if triton is not None:
                     live = live & (bias > -1.0e30)  # (transformers' "masked" is the dtype's min)
             # masked keys are never read: the loads are predicated, so the part of a cache not yet filled
             # (and a batch row's left padding) costs its mask bytes only
-            tile = live[:, None] & dmask[None, :]
-            k = tl.load(k_base + n[:, None].to(tl.int64) * sk_n + d[None, :], mask=tile, other=0.0).to(tl.float32)
-            s = tl.where(live, tl.sum(k * q[None, :], axis=1) * scale + bias, float("-inf"))
+            rows = live[:, None]
+            if MASK_A:
+                tile_a = rows & (da[None, :] < D)
+            else:
+                tile_a = rows
+            k_rows = k_base + n[:, None].to(tl.int64) * sk_n
+            v_rows = v_base + n[:, None].to(tl.int64) * sv_n
+            k = tl.load(k_rows + da[None, :], mask=tile_a, other=0.0).to(tl.float32)
+            dot = tl.sum(k * qa[None, :], axis=1)
+            if HAS_B:
+                kb = tl.load(k_rows + db[None, :], mask=rows, other=0.0).to(tl.float32)
+                dot += tl.sum(kb * qb[None, :], axis=1)
+            s = tl.where(live, dot * scale + bias, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
-            v = tl.load(v_base + n[:, None].to(tl.int64) * sv_n + d[None, :], mask=tile, other=0.0).to(tl.float32)
+            v = tl.load(v_rows + da[None, :], mask=tile_a, other=0.0).to(tl.float32)
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc_a = acc_a * alpha + tl.sum(p[:, None] * v, axis=0)
+            if HAS_B:
+                vb = tl.load(v_rows + db[None, :], mask=rows, other=0.0).to(tl.float32)
+                acc_b = acc_b * alpha + tl.sum(p[:, None] * vb, axis=0)
             m_i = m_new
         slot = bh * splits + split
-        tl.store(acc_ptr + slot.to(tl.int64) * BLOCK_D + d, acc)
+        out_row = acc_ptr + slot.to(tl.int64) * BLOCK_D
+        tl.store(out_row + da, acc_a)
+        if HAS_B:
+            tl.store(out_row + db, acc_b)
         tl.store(m_ptr + slot, m_i)
         tl.store(l_ptr + slot, l_i)
 
@@ -153,8 +185,23 @@ if triton is not None:
         tl.store(out_ptr + bh.to(tl.int64) * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def split_attention(query, key, value, mask=None, scale=None, sms: int | None = None) -> torch.Tensor:
-    """Triton flash-decoding (see the module docstring); CUDA tensors, one query position."""
+def head_tiles(d: int, two_tiles: bool = True) -> tuple[int, int]:
+    """(DA, DB): a head's D values as a power-of-two tile DA and, where D is the sum of two powers of two,
+    a second DB (80 -> 64 + 16; 0 where D is a power of two); else (the next power of two, 0), masked."""
+    a = 1 << (d.bit_length() - 1)
+    if a == d:
+        return d, 0
+    rest = d - a
+    if two_tiles and rest & (rest - 1) == 0:
+        return a, rest
+    return 2 * a, 0
+
+
+def split_attention(query, key, value, mask=None, scale=None, sms: int | None = None, block_n: int = BLOCK_N,
+                    num_warps: int = NUM_WARPS, programs_per_sm: int = PROGRAMS_PER_SM,
+                    two_tiles: bool = True) -> torch.Tensor:
+    """Triton flash-decoding (see the module docstring); CUDA tensors, one query position. The launch
+    shape's knobs are for bench/decode_attention_sweep.py; callers keep the defaults."""
     if triton is None:
         raise RuntimeError("split_attention needs Triton (CUDA installs have it); callers fall back to SDPA")
     b, h, q_len, d = query.shape
@@ -164,8 +211,9 @@ def split_attention(query, key, value, mask=None, scale=None, sms: int | None = 
     scale = d ** -0.5 if scale is None else float(scale)
     if sms is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count
-    splits, chunk = plan_splits(length, b * h, sms)
-    block_d = triton.next_power_of_2(d)
+    splits, chunk = plan_splits(length, b * h, sms, block_n, programs_per_sm)
+    block_d = triton.next_power_of_2(d)  # (the partials' row stride)
+    da, db = head_tiles(d, two_tiles)
     acc = torch.empty(b * h * splits * block_d, dtype=torch.float32, device=query.device)
     m = torch.empty(b * h * splits, dtype=torch.float32, device=query.device)
     l_ = torch.empty_like(m)
@@ -178,8 +226,9 @@ def split_attention(query, key, value, mask=None, scale=None, sms: int | None = 
         value.stride(0), value.stride(1), value.stride(2),
         m2.stride(0) if m2 is not None else 0, m2.stride(1) if m2 is not None else 0,
         length, h, h // hkv, splits, scale,
-        CHUNK=chunk, HAS_MASK=m2 is not None, MASK_BOOL=m2 is not None and m2.dtype == torch.uint8, D=d, BLOCK_D=block_d,
-        BLOCK=BLOCK_N, num_warps=4)
+        CHUNK=chunk, HAS_MASK=m2 is not None, MASK_BOOL=m2 is not None and m2.dtype == torch.uint8, D=d,
+        DA=da, MASK_A=da > d, DB=max(db, 1), HAS_B=db > 0, BLOCK_D=block_d,
+        BLOCK=block_n, num_warps=num_warps)
     out = torch.empty((b, 1, h, d), dtype=query.dtype, device=query.device)
     _combine_kernel[(b * h,)](acc, m, l_, out, splits, D=d, BLOCK_D=block_d,
                               BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
