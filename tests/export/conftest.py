@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 # beside this file; pytest puts this folder on sys.path
 from tiny_adapter import build_tiny_adapter, codetune_cache  # noqa: F401 (codetune_cache is a fixture)
@@ -28,3 +29,12 @@ def tiny_gguf(merged_model, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("gguf")
     return {q: export_gguf(d / f"tiny-{q}.gguf", q, model_dir=merged_model).gguf for q in ("f32", "f16", "bf16", "q8_0")}
+
+
+@pytest.fixture(scope="module")
+def tuned(lora_adapter):
+    """(model, tokenizer): the tiny trained adapter on its base, on the CPU."""
+    from codetune.model.load import load_tuned
+
+    model, tok, _ = load_tuned(lora_adapter, torch.device("cpu"))
+    return model, tok

@@ -8,13 +8,6 @@ from codetune import registry
 from codetune.cli import main
 from codetune.export.generate import complete
 from codetune.export.sampling import SamplingParams, _held_back, fim_ids, generate_text, prompt_ids
-from codetune.model.load import load_tuned
-
-
-@pytest.fixture(scope="module")
-def tuned(lora_adapter):
-    model, tok, _ = load_tuned(lora_adapter, torch.device("cpu"))
-    return model, tok
 
 
 def test_greedy_matches_transformers_generate(tuned):

@@ -13,12 +13,6 @@ from codetune.model.load import load_tuned
 from codetune.model.step_attention import REFERENCE_NAME, SPLIT_NAME, StepAttention
 
 
-@pytest.fixture(scope="module")
-def tuned(lora_adapter):
-    model, tok, _ = load_tuned(lora_adapter, torch.device("cpu"))
-    return model, tok
-
-
 def test_split_is_not_chosen_without_cuda_and_the_model_is_left_as_it_was(tuned):
     model, _ = tuned
     attention = StepAttention(model)

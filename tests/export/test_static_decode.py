@@ -12,15 +12,9 @@ from tiny_adapter import TOKENIZER
 from codetune.cli import main
 from codetune.export.sampling import SamplingParams, fim_ids, generate_ids, generate_text, prompt_ids
 from codetune.export.static_decode import Decoder, bucket_len, resolve_mode
-from codetune.model.load import load_tuned
 
 CODE = "import os\nimport sys\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n\n"
 
-
-@pytest.fixture(scope="module")
-def tuned(lora_adapter):
-    model, tok, _ = load_tuned(lora_adapter, torch.device("cpu"))
-    return model, tok
 
 
 def prompts(tok) -> dict[str, list[int]]:
