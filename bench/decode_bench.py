@@ -216,6 +216,7 @@ def measure(a, precision: str, device: torch.device) -> None:
                     record["step_kernels"] = ",".join(decoder.attention.kernels)
                     record["split_attention"] = "on" if decoder.attention.name else (
                         decoder.attention.why_not or "not asked for")
+                    record["fused_qkv"] = decoder.attention.qkv_fused
                 record["decode_stats"] = vars(decoder.stats).copy()
             if device.type == "cuda":
                 record["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

@@ -62,7 +62,8 @@ def attention_cell(r: dict) -> str:
     if r["mode"] in ("codetune-eager",) or r["mode"].startswith("hf-"):
         return "SDPA"
     why = r.get("split_attention")
-    return "split-KV" if why == "on" else "SDPA" if why in (None, "not asked for") else f"SDPA ({why[:60]})"
+    kernel = "split-KV" if why == "on" else "SDPA" if why in (None, "not asked for") else f"SDPA ({why[:60]})"
+    return kernel + (", fused q\\|k\\|v" if r.get("fused_qkv") else "")
 
 
 def decode_table(call: dict) -> list[str]:

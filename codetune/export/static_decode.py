@@ -123,7 +123,8 @@ class Decoder:
 
     def describe(self) -> str:
         reuse = ", reusing prompt prefixes" if self.reuse_prefix else ""
-        attention = ", split-KV attention" if self.attention and self.attention.name else ""
+        kernels = self.attention.describe() if self.attention else ""
+        attention = f", {kernels}" if kernels else ""
         return self._describe() + attention + reuse
 
     def _describe(self) -> str:

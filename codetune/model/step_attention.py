@@ -1,7 +1,7 @@
-"""The attention a static-cache decoder's forward passes run with (export/static_decode's Decoder,
-eval/batch_decode's BatchDecoder, serve/batching's running batch).
+"""The attention block's kernels a static-cache decoder's forward passes run with (export/static_decode's
+Decoder, eval/batch_decode's BatchDecoder, serve/batching's running batch).
 
-Two parts, chosen per decoder by `kernels` (STEP_KERNELS, in order of preference):
+Three parts, chosen per decoder by `kernels` (STEP_KERNELS):
 - "split": the one-token step's attention through kernels/decode_attention (flash-decoding: the cache's
   keys split over the whole GPU). CUDA with Triton only; checked once, when the decoder is made, against
   SDPA on random inputs of the model's own head shapes (exact-or-fallback: its error against an fp64
@@ -9,6 +9,8 @@ Two parts, chosen per decoder by `kernels` (STEP_KERNELS, in order of preference
   model instance only while a pass runs (its config's attention implementation, put back after), so
   the model outside the decoder is unchanged; a prompt's pass (several query positions) goes to
   transformers' own SDPA function either way.
+- "fused-qkv": the one-token step's q, k and v in one matrix product (model/fused_qkv.py), where it is
+  bit-identical to the three (checked when the decoder is made) and the projections are plain linears;
 - "flash", "efficient", "math": the SDPA backends allowed (static_cache.step_attention: never cuDNN's,
   whose result depends on the stream, which no captured graph could match).
 
@@ -25,12 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from codetune.model.fused_qkv import FusedQKV
 from codetune.model.kernels import decode_attention as kernel
 from codetune.model.static_cache import STEP_SDPA, step_attention
 
 log = logging.getLogger("codetune.decode")
 
-STEP_KERNELS = ("split",) + STEP_SDPA
+STEP_KERNELS = ("split", "fused-qkv") + STEP_SDPA
 SPLIT_NAME = "codetune_split_decode"  # the name registered with transformers' AttentionInterface
 REFERENCE_NAME = "codetune_split_reference"  # the same selection with the PyTorch reference (tests, CPU)
 
@@ -121,6 +124,9 @@ class StepAttention:
         self.why_not: str | None = None  # why "split" was asked for and is not used
         if "split" in kernels:
             self.name, self.why_not = self._choose(model, reference)
+        self.qkv = FusedQKV(model) if "fused-qkv" in kernels else None
+        if self.qkv is not None and self.qkv.why_not:
+            log.info("codetune: q/k/v stay three products: %s", self.qkv.why_not)
 
     def _choose(self, model, reference: bool) -> tuple[str | None, str | None]:
         weight = model.get_input_embeddings().weight
@@ -149,12 +155,18 @@ class StepAttention:
             return None, why
         return SPLIT_NAME, None
 
+    @property
+    def qkv_fused(self) -> bool:
+        return self.qkv is not None and bool(self.qkv.stacks)
+
     def describe(self) -> str:
-        return "split-KV attention" if self.name else "SDPA attention"
+        """What differs from transformers' own step ("" where nothing does)."""
+        parts = (["split-KV attention"] if self.name else []) + (["fused q|k|v"] if self.qkv_fused else [])
+        return ", ".join(parts)
 
     @contextlib.contextmanager
     def __call__(self):
-        with step_attention(self.sdpa):
+        with step_attention(self.sdpa), (self.qkv() if self.qkv_fused else contextlib.nullcontext()):
             if self.name is None:
                 yield
                 return

@@ -33,4 +33,4 @@ def test_serve_latency_reports_both_phases(tmp_path):
         assert parts["prompt"] + parts["decode"] <= parts["total"] * 1.05 and r["outside_server_p50_ms"] >= 0
         assert parts["total"] <= r["p95_ms"]
     assert many["aggregate_vs_one_client"] > 0
-    assert server["decoding"].endswith("static KV cache")
+    assert server["decoding"].startswith("codetune serve: decoding: static KV cache")  # (+ ", fused q|k|v": a plain model)

@@ -17,7 +17,8 @@ def test_split_is_not_chosen_without_cuda_and_the_model_is_left_as_it_was(tuned)
     model, _ = tuned
     attention = StepAttention(model)
     assert attention.name is None and "CUDA" in attention.why_not
-    assert attention.describe() == "SDPA attention"
+    assert attention.describe() == ""  # (the tuned model has LoRA on q/k/v: no fused product either)
+    assert not attention.qkv_fused and "not plain linear" in attention.qkv.why_not
 
 
 def test_a_decoder_on_the_split_path_gives_the_sdpa_path_s_ids(tuned):
