@@ -102,7 +102,7 @@ class Decoder:
 
     def __init__(self, model, mode: str = "auto", step_kernels: tuple[str, ...] = STEP_KERNELS,
                  reuse_prefix: bool = False):
-        """`step_kernels`: the attention of the static-cache passes (model/step_attention.StepAttention; the
+        """`step_kernels`: the attention block's kernels of the static-cache passes (model/step_attention; the
         default is what generate and serve run, another set is bench/decode_bench.py's A/B). `reuse_prefix`:
         a prompt that starts with what the slot's cache holds (the previous prompt and its completion, at
         least MIN_REUSE tokens of it) reads only the rest: an editor's requests as you type share the
