@@ -44,18 +44,17 @@ class Scored:
     target: list[int]
 
 
-def plain_ids(tok, text: str) -> list[int]:
-    """Ids of `text` as training encodes a FIM piece (data/tokenize.py): a special-token string inside the code
-    stays text. The backend's switch is restored, since the same tokenizer encodes prompts next."""
+def plain_encoder(tok):
+    """`text -> ids` as training encodes a FIM piece (data/tokenize.PieceEncoder.texts): a special-token string
+    inside the code stays text. Its own copy of the fast tokenizer, so the caller's (which encodes the prompts,
+    where the FIM strings are control tokens) is never switched; a slow tokenizer encodes as it does."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
-        return tok.encode(text, add_special_tokens=False)
-    was = backend.encode_special_tokens
-    backend.encode_special_tokens = True
-    try:
-        return backend.encode(text, add_special_tokens=False).ids
-    finally:
-        backend.encode_special_tokens = was
+        return lambda text: tok.encode(text, add_special_tokens=False)
+    from codetune.data.tokenize import PieceEncoder
+
+    enc = PieceEncoder(backend.to_str(), {})
+    return lambda text: enc.texts([text])[0].tolist()
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,12 @@ class Query:
     middle: str
 
 
-def sequences(tok, q: Query) -> tuple[Scored, Scored]:
-    """(with suffix, without suffix) for one task: the prompts tokenized as the generation tokenizes its own."""
+def sequences(tok, q: Query, plain=None) -> tuple[Scored, Scored]:
+    """(with suffix, without suffix) for one task: the prompts tokenized as the generation tokenizes its own.
+    `plain`: a plain_encoder(tok), made once by a caller with many tasks."""
     if tok.eos_token_id is None:
         raise ValueError("FIM loss needs the tokenizer's EOS token (it ends every FIM middle in training)")
-    target = plain_ids(tok, q.middle) + [tok.eos_token_id]
+    target = (plain or plain_encoder(tok))(q.middle) + [tok.eos_token_id]
     ids = tok([q.prompt, q.prompt_no_suffix], add_special_tokens=False)["input_ids"]
     return Scored(list(ids[0]), target), Scored(list(ids[1]), target)
 
@@ -115,7 +115,8 @@ def _target_nats(lm, hidden: torch.Tensor, seq: Scored, device) -> float:
 
 def middle_losses(model, tok, queries: list[Query], batch_size: int) -> list[MiddleLoss]:
     """Per task, in order: its middle's loss with and without the suffix."""
-    pairs = [sequences(tok, q) for q in queries]
+    plain = plain_encoder(tok)
+    pairs = [sequences(tok, q, plain) for q in queries]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     nats = mean_nats(model, [s for p in pairs for s in p], batch_size, pad)
     return [MiddleLoss(len(w.target), nats[2 * k], nats[2 * k + 1]) for k, (w, _) in enumerate(pairs)]

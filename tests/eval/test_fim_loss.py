@@ -74,9 +74,9 @@ def test_batched_losses_equal_one_at_a_time(tiny_model, tokenizer):
 
 def test_special_token_strings_in_the_middle_stay_text(tokenizer):
     """As in training: code that contains "<|endoftext|>" is text, not the end of the middle."""
-    ids = fim_loss.plain_ids(tokenizer, "x = '<|endoftext|>'")
+    ids = fim_loss.plain_encoder(tokenizer)("x = '<|endoftext|>'")
     assert tokenizer.eos_token_id not in ids and len(ids) > 3
-    assert not tokenizer.backend_tokenizer.encode_special_tokens  # switched back for the prompts
+    assert not tokenizer.backend_tokenizer.encode_special_tokens  # never switched: the prompts need it off
     assert tokenizer.encode("<|endoftext|>", add_special_tokens=False) == [tokenizer.eos_token_id]
 
 
