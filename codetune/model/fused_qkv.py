@@ -78,9 +78,9 @@ def _plain(m) -> bool:
 
 
 def _stack(attn, exact_rows: dict) -> _Stack | None:
-    q, k, v = (getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj"))
-    if not all(_plain(m) for m in (q, k, v)):
-        return None
+    """The stacked projection of an attention module whose q/k/v are plain (_plain_qkv), None where their
+    shapes, dtypes or biases do not stack."""
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     ws = [m.weight for m in (q, k, v)]
     if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1 or len({m.bias is None for m in (q, k, v)}) != 1:
         return None
@@ -111,6 +111,7 @@ class FusedQKV:
 
         self.stacks: list[_Stack] = []
         self.why_not: str | None = None
+        self.exact_rows: dict[int, bool] = {}  # shared by every layer's stack (same shapes, same kernels)
         try:
             layers = list(decoder_layers(model))
         except TypeError as e:
@@ -120,15 +121,10 @@ class FusedQKV:
         if not attns or not all(_plain_qkv(a) for a in attns):
             self.why_not = "the q/k/v projections are not plain linear layers (an adapter, quantized or offloaded)"
             return
-        self.exact_rows: dict[int, bool] = {}
         first = _stack(attns[0], self.exact_rows)
-        w = first.weight if first is not None else None
-        x = None if w is None else torch.randn(1, 1, w.shape[1], generator=torch.Generator().manual_seed(0)).to(
-            w.device, w.dtype)
-        if first is None or not exact_on(first, x):
+        if first is None or not first._fuses(_one_row(first.weight)):  # (the check for one row, made now)
             self.why_not = "the stacked product is not bit-identical to the three separate ones here"
             return
-        self.exact_rows[1] = True
         self.stacks = [first] + [s for s in (_stack(a, self.exact_rows) for a in attns[1:]) if s is not None]
 
     @contextmanager
@@ -142,6 +138,12 @@ class FusedQKV:
                 for m in (s.q, s.k, s.v):
                     del m.forward  # back to the class's own forward
                 s.x = s.y = None
+
+
+def _one_row(weight: torch.Tensor) -> torch.Tensor:
+    """A seeded (1, 1, in) input: one token of one row, as a decode step gives the projections."""
+    x = torch.randn(1, 1, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    return x.to(weight.device, weight.dtype)
 
 
 def _plain_qkv(attn) -> bool:

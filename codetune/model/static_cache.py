@@ -29,6 +29,24 @@ def static_unsupported(model) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class HeadShape:
+    """A model's attention heads as its KV cache holds them."""
+    layers: int
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (fewer under grouped-query attention)
+    head_dim: int
+
+
+def head_shape(model) -> HeadShape:
+    from codetune.model.adapters import causal_lm
+
+    c = causal_lm(model).config
+    heads = c.num_attention_heads
+    return HeadShape(c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads,
+                     getattr(c, "head_dim", None) or c.hidden_size // heads)
+
+
 def cache_kwarg(model) -> str:
     """transformers is renaming `past_key_values` to `cache` (deprecated in 5.2x); use the name this
     version's forward declares, so the loop runs on older and newer releases without warnings."""

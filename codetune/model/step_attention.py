@@ -29,7 +29,7 @@ import torch
 
 from codetune.model.fused_qkv import FusedQKV
 from codetune.model.kernels import decode_attention as kernel
-from codetune.model.static_cache import STEP_SDPA, step_attention
+from codetune.model.static_cache import STEP_SDPA, head_shape, step_attention
 
 log = logging.getLogger("codetune.decode")
 
@@ -56,8 +56,7 @@ def _register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(SPLIT_NAME, _split_forward(kernel.split_attention))
-    AttentionInterface.register(REFERENCE_NAME, _split_forward(
-        lambda q, k, v, m, s: kernel.split_attention_reference(q, k, v, m, s)))
+    AttentionInterface.register(REFERENCE_NAME, _split_forward(kernel.split_attention_reference))
     sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     for name in (SPLIT_NAME, REFERENCE_NAME):
         AttentionMaskInterface.register(name, sdpa_mask)
@@ -135,15 +134,12 @@ class StepAttention:
             return None, f"the model's attention is {self.config._attn_implementation!r}, not sdpa"
         if not reference and (device.type != "cuda" or not kernel.available()):
             return None, "needs CUDA and Triton"
-        c = self.config
-        heads = c.num_attention_heads
-        kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        shape = head_shape(model)
         _register()
         if reference:
             return REFERENCE_NAME, None
         try:
-            got = check_split(heads, kv_heads, head_dim, dtype, device)
+            got = check_split(shape.heads, shape.kv_heads, shape.head_dim, dtype, device)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run here: SDPA decodes
             why = f"the split kernel failed its check ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
             log.warning("codetune: %s; decoding with SDPA", why)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from codetune.export.sampling import EagerSteps, max_context
-from codetune.model.static_cache import cache_kwarg, graphed_step, set_length, static_unsupported
+from codetune.model.static_cache import cache_kwarg, graphed_step, head_shape, set_length, static_unsupported
 from codetune.model.step_attention import STEP_KERNELS, StepAttention
 
 log = logging.getLogger("codetune.serve")
@@ -61,20 +61,11 @@ def check_batching(model, decode: str) -> None:
                          "use --decode static, graph or auto, or --max-batch 1")
 
 
-def _kv_shape(model) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of the model's KV cache."""
-    from codetune.model.adapters import causal_lm
-
-    c = causal_lm(model).config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return c.num_hidden_layers, heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
 def cache_bytes(model, rows: int, length: int) -> int:
     """What the running batch's KV cache takes: rows x length x layers x (keys, values) x kv heads x
     head dim x the model's element size (its embeddings' dtype: the activations')."""
-    layers, heads, head_dim = _kv_shape(model)
-    return rows * length * layers * 2 * heads * head_dim * model.get_input_embeddings().weight.element_size()
+    h = head_shape(model)
+    return rows * length * h.layers * 2 * h.kv_heads * h.head_dim * model.get_input_embeddings().weight.element_size()
 
 
 @dataclass
@@ -157,9 +148,9 @@ class BatchScheduler:
         is a one-line error before the server listens, naming the fix, instead of a 500 later."""
         from codetune.config import ConfigError
 
-        _, heads, head_dim = _kv_shape(self.model)
+        h = head_shape(self.model)
         dtype = self.model.get_input_embeddings().weight.dtype
-        probe = torch.zeros((self.rows, heads, 1, head_dim), dtype=dtype, device=self.device)
+        probe = torch.zeros((self.rows, h.kv_heads, 1, h.head_dim), dtype=dtype, device=self.device)
         try:
             for layer in self._slot.cache.layers:
                 layer.lazy_initialization(probe, probe)
