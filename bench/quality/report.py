@@ -48,6 +48,7 @@ def _rows() -> list[Row]:
 
 ROWS = _rows()
 FIM_ROWS = [r for r in ROWS if "FIM" in r.label]
+GAIN_ROWS = [r for r in FIM_ROWS if r.metric.path[-1] == "suffix_gain"]  # what expectation 3 is judged on
 
 
 def load_results(folder: Path) -> dict | None:
@@ -111,9 +112,6 @@ def base_uses_suffix(meas: dict) -> tuple[bool, str]:
     text = ", ".join(f"{r.where} {r.metric.path[1].replace('_', '-')} {ev.fmt_measurement(r.metric, m)}"
                      for r, m in seen.items())
     return any(m.interval is not None and m.interval.low > 0 for m in seen.values()), text or "not measured"
-
-
-GAIN_ROWS = [r for r in FIM_ROWS if r.metric.path[-1] == "suffix_gain"]
 
 
 def _fim_expectation(chs: list[dict], meas: dict) -> dict:
