@@ -11,8 +11,10 @@
 # Usage: bash bench/run_gpu.sh SUITE_FILE   (bench/suites/*.txt) — each line: "codetune ARGS" (synthetic step,
 # bench/train_bench.py) | "real ARGS" (bench/real_train.py: prepare + `codetune train`) | "hf ARGS" | "unsloth ARGS"
 # | "sh CMD". Writes $OUT/results.jsonl, env.json, log.txt; bench/report.py turns them into the record.
+# SUITE_SECONDS=N (optional): the whole suite's time, e.g. what the device call has left; each job runs under
+# what remains of it, and a job with under 20 s left is recorded as skipped (the suite's lines in priority order).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export CODETUNE_CACHE=/tmp/codetune-cache
 # what env.json names (session 9's call records named neither: the caller had to export them): the suite
@@ -46,6 +48,14 @@ while IFS= read -r line; do
     unsloth)  cmd="python3 .bench-peers/unsloth_baseline.py $args";;
     sh)       cmd="$args";;
   esac
+  if [ -n "${SUITE_SECONDS:-}" ]; then
+    left=$(( SUITE_SECONDS - SECONDS ))
+    if [ "$left" -lt 20 ]; then
+      echo "{\"job\": \"$line\", \"seconds\": 0, \"result\": {\"skipped\": \"suite time (SUITE_SECONDS=$SUITE_SECONDS) used up\"}}" >> "$OUT/results.jsonl"
+      continue
+    fi
+    cmd="timeout $left bash -c $(printf %q "$cmd")"
+  fi
   # one record per JSON line, written as the job prints it: a job killed by a timeout keeps what it finished
   n=$( (eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep --line-buffered '^{.*}$' | { k=0
     while IFS= read -r r; do
