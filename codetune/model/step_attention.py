@@ -11,6 +11,9 @@ Three parts, chosen per decoder by `kernels` (STEP_KERNELS):
   transformers' own SDPA function either way.
 - "fused-qkv": the one-token step's q, k and v in one matrix product (model/fused_qkv.py), where it is
   bit-identical to the three (checked when the decoder is made) and the projections are plain linears;
+- "fused-rotary": the one-token step's rotary embedding and KV-cache write in one kernel
+  (model/step_rotary.py, StableLM attention, bf16/fp16), where bit-identical to transformers' ops (checked
+  when the decoder is made);
 - "flash", "efficient", "math": the SDPA backends allowed (static_cache.step_attention: never cuDNN's,
   whose result depends on the stream, which no captured graph could match).
 
@@ -30,10 +33,11 @@ import torch
 from codetune.model.fused_qkv import FusedQKV
 from codetune.model.kernels import decode_attention as kernel
 from codetune.model.static_cache import STEP_SDPA, head_shape, step_attention
+from codetune.model.step_rotary import StepRotary
 
 log = logging.getLogger("codetune.decode")
 
-STEP_KERNELS = ("split", "fused-qkv") + STEP_SDPA
+STEP_KERNELS = ("split", "fused-qkv", "fused-rotary") + STEP_SDPA
 SPLIT_NAME = "codetune_split_decode"  # the name registered with transformers' AttentionInterface
 REFERENCE_NAME = "codetune_split_reference"  # the same selection with the PyTorch reference (tests, CPU)
 
@@ -126,6 +130,9 @@ class StepAttention:
         self.qkv = FusedQKV(model) if "fused-qkv" in kernels else None
         if self.qkv is not None and self.qkv.why_not:
             log.info("codetune: q/k/v stay three products: %s", self.qkv.why_not)
+        self.rotary = StepRotary(model, reference) if "fused-rotary" in kernels else None
+        if self.rotary is not None and self.rotary.why_not:
+            log.info("codetune: rotary and cache write stay transformers' ops: %s", self.rotary.why_not)
 
     def _choose(self, model, reference: bool) -> tuple[str | None, str | None]:
         weight = model.get_input_embeddings().weight
@@ -155,14 +162,20 @@ class StepAttention:
     def qkv_fused(self) -> bool:
         return self.qkv is not None and bool(self.qkv.stacks)
 
+    @property
+    def rotary_fused(self) -> bool:
+        return self.rotary is not None and bool(self.rotary.attns)
+
     def describe(self) -> str:
         """What differs from transformers' own step ("" where nothing does)."""
-        parts = (["split-KV attention"] if self.name else []) + (["fused q|k|v"] if self.qkv_fused else [])
+        parts = ((["split-KV attention"] if self.name else []) + (["fused q|k|v"] if self.qkv_fused else [])
+                 + (["fused rotary + cache write"] if self.rotary_fused else []))
         return ", ".join(parts)
 
     @contextlib.contextmanager
     def __call__(self):
-        with step_attention(self.sdpa), (self.qkv() if self.qkv_fused else contextlib.nullcontext()):
+        with step_attention(self.sdpa), (self.qkv() if self.qkv_fused else contextlib.nullcontext()), \
+                (self.rotary() if self.rotary_fused else contextlib.nullcontext()):
             if self.name is None:
                 yield
                 return

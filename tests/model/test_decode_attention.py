@@ -111,5 +111,5 @@ def test_the_first_use_check_passes_the_algorithm_and_fails_a_wrong_kernel():
 def test_kernel_sets_are_checked():
     assert validate_kernels(("split", "math")) == ("math",)
     for bad in (("split",), ("cudnn", "math"), ()):
-        with pytest.raises(ValueError, match="choose from split, fused-qkv, flash, efficient, math"):
+        with pytest.raises(ValueError, match="choose from split, fused-qkv, fused-rotary, flash, efficient, math"):
             validate_kernels(bad)
