@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--step-kernels", default=None, help="comma-separated attention kernels of codetune's static-cache "
-                   "passes (split,flash,efficient,math; default: model/step_attention.STEP_KERNELS), an A/B: e.g. "
+                   "passes (split,fused-qkv,fused-rotary,flash,efficient,math; default: model/step_attention.STEP_KERNELS), an A/B: e.g. "
                    "flash,efficient,math for SDPA alone")
     p.add_argument("--max-vram", default=None, help="cap this process's GPU memory, e.g. 10GiB")
     p.add_argument("--device", default="auto", help="auto, cuda, cpu")
@@ -217,6 +217,7 @@ def measure(a, precision: str, device: torch.device) -> None:
                     record["split_attention"] = "on" if decoder.attention.name else (
                         decoder.attention.why_not or "not asked for")
                     record["fused_qkv"] = decoder.attention.qkv_fused
+                    record["fused_rotary"] = decoder.attention.rotary_fused
                 record["decode_stats"] = vars(decoder.stats).copy()
             if device.type == "cuda":
                 record["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

@@ -63,7 +63,8 @@ def attention_cell(r: dict) -> str:
         return "SDPA"
     why = r.get("split_attention")
     kernel = "split-KV" if why == "on" else "SDPA" if why in (None, "not asked for") else f"SDPA ({why[:60]})"
-    return kernel + (", fused q\\|k\\|v" if r.get("fused_qkv") else "")
+    return (kernel + (", fused q\\|k\\|v" if r.get("fused_qkv") else "")
+            + (", fused rotary" if r.get("fused_rotary") else ""))
 
 
 def decode_table(call: dict) -> list[str]:
