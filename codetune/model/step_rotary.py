@@ -142,8 +142,8 @@ def _static_layer(cache, index: int):
     """The cache's layer `index` where it is a static layer already holding its buffers (the kernel
     writes into them at its device-side counter), else None."""
     layers = getattr(cache, "layers", None)
-    if layers is None or index >= len(layers):
-        return None
+    if layers is None or index >= len(layers) or getattr(cache, "offloading", False):
+        return None  # (an offloading cache moves layers between devices around each update: its own path)
     layer = layers[index]
     if type(layer).__name__ != "StaticLayer" or not getattr(layer, "is_initialized", False):
         return None
