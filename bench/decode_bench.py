@@ -218,6 +218,9 @@ def measure(a, precision: str, device: torch.device) -> None:
                         decoder.attention.why_not or "not asked for")
                     record["fused_qkv"] = decoder.attention.qkv_fused
                     record["fused_rotary"] = decoder.attention.rotary_fused
+                    rotary = decoder.attention.rotary
+                    if rotary is not None and rotary.why_not:
+                        record["fused_rotary_why_not"] = rotary.why_not
                 record["decode_stats"] = vars(decoder.stats).copy()
             if device.type == "cuda":
                 record["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

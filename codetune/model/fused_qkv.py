@@ -84,8 +84,14 @@ def _stack(attn, exact_rows: dict) -> _Stack | None:
     ws = [m.weight for m in (q, k, v)]
     if len({(w.shape[1], w.dtype, w.device) for w in ws}) != 1 or len({m.bias is None for m in (q, k, v)}) != 1:
         return None
-    weight = torch.cat([w.detach() for w in ws])
-    bias = None if q.bias is None else torch.cat([m.bias.detach() for m in (q, k, v)])
+    # (a model a FusedQKV was made for before holds them as consecutive views already: stacking them again
+    # would copy them, and both copies would live while both decoders do; bench/decode_bench.py holds three)
+    weight = _stacked_already(ws)
+    weight = torch.cat([w.detach() for w in ws]) if weight is None else weight
+    bias = None
+    if q.bias is not None:
+        bias = _stacked_already([m.bias for m in (q, k, v)])
+        bias = torch.cat([m.bias.detach() for m in (q, k, v)]) if bias is None else bias
     nq, nk = ws[0].shape[0], ws[1].shape[0]
     # the three weights become views of the stacked one (same values, no memory added)
     for m, (lo, hi) in zip((q, k, v), ((0, nq), (nq, nq + nk), (nq + nk, weight.shape[0]))):
@@ -93,6 +99,20 @@ def _stack(attn, exact_rows: dict) -> _Stack | None:
         if bias is not None:
             m.bias = torch.nn.Parameter(bias[lo:hi], requires_grad=m.bias.requires_grad)
     return _Stack(q, k, v, weight, bias, nq, nk, exact_rows)
+
+
+def _stacked_already(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor `ts` are consecutive, contiguous parts of, in order (one storage, each starting where the
+    last ends), as one (rows, ...) view; None where they are not."""
+    first = ts[0]
+    end = first.data_ptr()
+    for t in ts:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or t.data_ptr() != end:
+            return None
+        end += t.numel() * t.element_size()
+    shape = (sum(t.shape[0] for t in ts), *first.shape[1:])
+    return first.detach().as_strided(shape, first.stride())
 
 
 def exact_on(stack: _Stack, x: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ Three parts, chosen per decoder by `kernels` (STEP_KERNELS):
 - "fused-qkv": the one-token step's q, k and v in one matrix product (model/fused_qkv.py), where it is
   bit-identical to the three (checked when the decoder is made) and the projections are plain linears;
 - "fused-rotary": the one-token step's rotary embedding and KV-cache write in one kernel
-  (model/step_rotary.py, StableLM attention, bf16/fp16), where bit-identical to transformers' ops (checked
+  (model/step_rotary.py, StableLM attention, bf16), where bit-identical to transformers' ops (checked
   when the decoder is made);
 - "flash", "efficient", "math": the SDPA backends allowed (static_cache.step_attention: never cuDNN's,
   whose result depends on the stream, which no captured graph could match).

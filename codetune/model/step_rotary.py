@@ -18,12 +18,15 @@ PyTorch definition instead (the tests' way on the CPU).
 
 from __future__ import annotations
 
+import logging
 import sys
 from contextlib import contextmanager
 
 import torch
 
 from codetune.model.kernels import decode_rotary as kernel
+
+log = logging.getLogger("codetune.decode")
 
 _NAMED = ("hidden_states", "attention_mask", "position_ids", "cache", "past_key_values", "output_attentions",
           "use_cache", "position_embeddings")
@@ -81,7 +84,7 @@ class StepRotary:
             self.why_not = "not StableLM attention without q/k layer norms"
             return
         if not reference and weight.dtype not in kernel.DTYPES:
-            self.why_not = f"{weight.dtype} (the kernel is exact for bf16 and fp16 only)"
+            self.why_not = f"{weight.dtype} (the kernel is exact for bf16 only)"
             return
         if not reference and (weight.device.type != "cuda" or not kernel.available()):
             self.why_not = "needs CUDA and Triton"
@@ -92,9 +95,10 @@ class StepRotary:
                               weight.device, self.fn)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run here: transformers' ops
             self.why_not = f"the kernel failed its check ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
-            return
-        if not ok:
-            self.why_not = "the kernel is not bit-identical to transformers' rotary here"
+        else:
+            self.why_not = None if ok else "the kernel is not bit-identical to transformers' rotary here"
+        if self.why_not:  # (unexpected where the model qualifies: said once, louder than the reasons above)
+            log.warning("codetune: rotary and cache write stay transformers' ops: %s", self.why_not)
             return
         self.attns = attns
 

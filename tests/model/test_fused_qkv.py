@@ -105,3 +105,17 @@ def test_on_a_gpu_the_fused_step_is_bit_identical_or_not_used(precision):
         got = [_step(model, ids, rows) for rows in (1, 5)]
     for (_, w), (_, g) in zip(want, got):
         assert torch.equal(w, g)
+
+
+def test_a_second_fusion_on_the_same_model_stacks_nothing_again(tiny):
+    """Every decoder makes its own FusedQKV; the weights they stack are the same storage (decode_bench holds
+    three decoders of one model: each used to hold its own copy of every q|k|v weight)."""
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    want = _step(tiny, ids)
+    first, second = FusedQKV(tiny), FusedQKV(tiny)
+    for a, b in zip(first.stacks, second.stacks):
+        assert a.weight.data_ptr() == b.weight.data_ptr() and a.weight.shape == b.weight.shape
+        assert torch.equal(a.weight, torch.cat([a.q.weight, a.k.weight, a.v.weight]))
+    with second():
+        got = _step(tiny, ids)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))

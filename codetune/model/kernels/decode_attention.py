@@ -30,11 +30,10 @@ try:
 except ImportError:  # CPU-only installs: callers check `available()` and use SDPA
     triton = None
 
-# The launch's shape. Chosen, not tuned: bench/decode_attention_sweep.py times the alternatives on a GPU
-# against the bandwidth the keys and values need (session 10's first measurement, far from it:
-# docs/performance.md), and these move to what it finds.
+# The launch's shape, from bench/decode_attention_sweep.py on an H200 (bench/results/raw/s11-decode.results.jsonl:
+# 64-key tiles, 2 warps, ~4 programs an SM were fastest at four of its five cache shapes, one row and 16).
 BLOCK_N = 64  # keys per inner tile
-NUM_WARPS = 4
+NUM_WARPS = 2
 PROGRAMS_PER_SM = 4
 NEG = -1.0e30  # the running max's start: finite, so a chunk with every key masked gives weight 0, not NaN
 

@@ -8,12 +8,13 @@ rotates its q head and, for the first Hkv heads, its k head, and writes k and v 
 position, which it reads from the cache's own device-side counter (so one captured graph serves every
 position). The counter's increment stays the caller's (one add), as in transformers' StaticLayer.update.
 
-Bit for bit transformers' result, for bf16 and fp16: `q * cos + rotate_half(q) * sin` there is three
-elementwise kernels, each computing in fp32 and rounding to the dtype; here the same products and sum,
-each rounded to the dtype in between (the product of two bf16 or fp16 values is exact in fp32, so one
-rounding of it equals PyTorch's). The caller checks that on the model's own shapes before using it
-(model/step_rotary.py: exact or not used). fp32 is not taken: the compiler may fuse a product and a sum
-into one rounding there.
+Bit for bit transformers' result, bf16 only: `q * cos + rotate_half(q) * sin` there is three
+elementwise kernels, each computing in fp32 and rounding to bf16; here the same products and sum, each
+rounded to bf16 in between (the product of two bf16 values is exact in fp32, so one rounding of it equals
+PyTorch's), on the bits (kernels/rotary_triton._bf16: Triton folds a plain .to(bf16).to(fp32) round trip
+away). The caller checks that on the model's own shapes before using it (model/step_rotary.py: exact or
+not used). fp16 and fp32 are not taken (no such rounding helper; in fp32 the compiler may fuse a product
+and a sum into one rounding).
 
 Inputs: the projections' outputs q (B, 1, H*D), k and v (B, 1, Hkv*D), each head's D values contiguous;
 cos and sin (B, 1, R) of the step's position (R <= D rotated dims, the rest passed through); the cache's
@@ -30,7 +31,7 @@ try:
 except ImportError:  # CPU-only installs: callers check `available()` and keep transformers' ops
     triton = None
 
-DTYPES = (torch.bfloat16, torch.float16)
+DTYPES = (torch.bfloat16,)
 
 
 def available() -> bool:
@@ -62,17 +63,16 @@ def rotary_cache_reference(q, k, v, cos, sin, keys, values, position, heads: int
 
 
 if triton is not None:
+    from codetune.model.kernels.rotary_triton import _bf16
 
     @triton.jit
     def _rotate(row_ptr, d, partner, live, rot, first, c, s):
         x = tl.load(row_ptr + d, mask=live, other=0.0)
         xp = tl.load(row_ptr + partner, mask=rot, other=0.0).to(tl.float32)
-        dt = x.dtype
-        xf = x.to(tl.float32)
         turned = tl.where(first, -xp, xp)  # rotate_half: (-x2, x1)
-        a = (xf * c).to(dt).to(tl.float32)  # (each product rounded to the dtype, as PyTorch's kernel rounds it)
-        b = (turned * s).to(dt).to(tl.float32)
-        return tl.where(rot, (a + b).to(dt), x)
+        a = _bf16(x.to(tl.float32) * c)  # (each product rounded to bf16, as PyTorch's mul kernel rounds it)
+        b = _bf16(turned * s)
+        return tl.where(rot, _bf16(a + b).to(tl.bfloat16), x)
 
     @triton.jit
     def _rotary_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, pos_ptr,
@@ -100,14 +100,14 @@ if triton is not None:
 
 
 def rotary_cache(q, k, v, cos, sin, keys, values, position, heads: int, kv_heads: int) -> torch.Tensor:
-    """The Triton kernel (see the module docstring); CUDA tensors of a dtype in DTYPES."""
+    """The Triton kernel (see the module docstring); bf16 CUDA tensors."""
     if triton is None:
         raise RuntimeError("rotary_cache needs Triton (CUDA installs have it); callers keep transformers' ops")
     b, d = q.shape[0], q.shape[-1] // heads
     r = cos.shape[-1]
     if (q.shape[1] != 1 or r > d or r % 2 or cos.shape[0] not in (1, b) or q.dtype not in DTYPES
             or any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, keys, values))):
-        raise ValueError("rotary_cache takes one token a row, bf16 or fp16, R <= D even, last dims contiguous")
+        raise ValueError("rotary_cache takes one token a row, bf16, R <= D even, last dims contiguous")
     out = torch.empty((b, heads, 1, d), dtype=q.dtype, device=q.device)
     sc = cos.stride(0) if cos.shape[0] == b else 0
     ss = sin.stride(0) if sin.shape[0] == b else 0
