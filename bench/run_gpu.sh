@@ -12,7 +12,8 @@
 # bench/train_bench.py) | "real ARGS" (bench/real_train.py: prepare + `codetune train`) | "hf ARGS" | "unsloth ARGS"
 # | "sh CMD". Writes $OUT/results.jsonl, env.json, log.txt; bench/report.py turns them into the record.
 # SUITE_SECONDS=N (optional): the whole suite's time, e.g. what the device call has left; each job runs under
-# what remains of it, and a job with under 20 s left is recorded as skipped (the suite's lines in priority order).
+# what remains of it, and a job with under SUITE_MIN_SECONDS (20) left is recorded as skipped (the suite's lines
+# in priority order).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -39,6 +40,7 @@ PY
 while IFS= read -r line; do
   [ -z "$line" ] && continue; case "$line" in \#*) continue;; esac
   kind=${line%% *}; args=${line#* }
+  job=${line//\\/\\\\}; job=${job//\"/\\\"}  # (the line as a JSON string: its backslashes and quotes escaped)
   echo "=== $line" | tee -a "$OUT/log.txt"
   t0=$(date +%s)
   case $kind in
@@ -50,8 +52,8 @@ while IFS= read -r line; do
   esac
   if [ -n "${SUITE_SECONDS:-}" ]; then
     left=$(( SUITE_SECONDS - SECONDS ))
-    if [ "$left" -lt 20 ]; then
-      echo "{\"job\": \"$line\", \"seconds\": 0, \"result\": {\"skipped\": \"suite time (SUITE_SECONDS=$SUITE_SECONDS) used up\"}}" >> "$OUT/results.jsonl"
+    if [ "$left" -lt "${SUITE_MIN_SECONDS:-20}" ]; then
+      echo "{\"job\": \"$job\", \"seconds\": 0, \"result\": {\"skipped\": \"suite time (SUITE_SECONDS=$SUITE_SECONDS) used up\"}}" >> "$OUT/results.jsonl"
       continue
     fi
     cmd="timeout $left bash -c $(printf %q "$cmd")"
@@ -59,7 +61,7 @@ while IFS= read -r line; do
   # one record per JSON line, written as the job prints it: a job killed by a timeout keeps what it finished
   n=$( (eval "$cmd" 2>>"$OUT/log.txt" | tee -a "$OUT/log.txt" | grep --line-buffered '^{.*}$' | { k=0
     while IFS= read -r r; do
-      echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $r}" >> "$OUT/results.jsonl"; k=$((k + 1))
+      echo "{\"job\": \"$job\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": $r}" >> "$OUT/results.jsonl"; k=$((k + 1))
     done; echo $k; }) )
-  [ "$n" = 0 ] && echo "{\"job\": \"$line\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": {\"error\": \"no result, see log\"}}" >> "$OUT/results.jsonl"
+  [ "$n" = 0 ] && echo "{\"job\": \"$job\", \"seconds\": $(( $(date +%s) - t0 )), \"result\": {\"error\": \"no result, see log\"}}" >> "$OUT/results.jsonl"
 done < "$1"
