@@ -131,3 +131,21 @@ def test_on_a_gpu_the_kernel_is_exact_at_stable_code_3b_heads_and_a_step_is_tran
     got, got_kv = _steps(model, rotary)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert all(torch.equal(a, b) for a, b in zip(got_kv, want_kv))
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_graphed_decoder_with_it_gives_the_same_ids_and_captures():
+    from codetune.export.sampling import SamplingParams, generate_ids
+    from codetune.export.static_decode import Decoder
+    from codetune.model.step_attention import STEP_KERNELS
+
+    model = _tiny("bf16").cuda()
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    with_it = Decoder(model, "graph")
+    without = Decoder(model, "graph", step_kernels=tuple(k for k in STEP_KERNELS if k != "fused-rotary"))
+    assert with_it.attention.rotary_fused, with_it.attention.rotary.why_not
+    assert "fused rotary" in with_it.describe() and not without.attention.rotary_fused
+    for prompt in ([3, 14, 15, 92, 65, 35], list(range(1, 300))):
+        assert list(generate_ids(model, prompt, params, 512, set(), with_it)) == \
+            list(generate_ids(model, prompt, params, 512, set(), without))
+    assert with_it.stats.fallback is None and with_it.stats.captured >= 1 and with_it.stats.replays > 0
