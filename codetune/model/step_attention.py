@@ -130,9 +130,7 @@ class StepAttention:
         self.qkv = FusedQKV(model) if "fused-qkv" in kernels else None
         if self.qkv is not None and self.qkv.why_not:
             log.info("codetune: q/k/v stay three products: %s", self.qkv.why_not)
-        self.rotary = StepRotary(model, reference) if "fused-rotary" in kernels else None
-        if self.rotary is not None and self.rotary.why_not:
-            log.info("codetune: rotary and cache write stay transformers' ops: %s", self.rotary.why_not)
+        self.rotary = StepRotary(model, reference) if "fused-rotary" in kernels else None  # (says why not itself)
 
     def _choose(self, model, reference: bool) -> tuple[str | None, str | None]:
         weight = model.get_input_embeddings().weight

@@ -68,39 +68,44 @@ class StepRotary:
     is none. `with rotary():` around a decoder's passes."""
 
     def __init__(self, model, reference: bool = False):
+        self.fn = kernel.rotary_cache_reference if reference else kernel.rotary_cache
+        self.attns, self.why_not, level = self._qualify(model, reference)
+        if self.why_not:  # (a failed check, unexpected where the model qualifies, is said louder)
+            log.log(level, "codetune: rotary and cache write stay transformers' ops: %s", self.why_not)
+            return
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        # what each step's forward picks its attention from, as the class's forward does: the config's
+        # function, else the modeling module's eager one (looked up once here, not per layer and step)
+        self.functions = ALL_ATTENTION_FUNCTIONS
+        self.eager = sys.modules[type(self.attns[0]).__module__].eager_attention_forward
+
+    def _qualify(self, model, reference: bool) -> tuple[list, str | None, int]:
+        """(the attention modules, None, 0) where the fused step can run, else ([], why not, log level)."""
         from codetune.model.layers import decoder_layers
         from codetune.model.static_cache import head_shape
 
-        self.attns: list = []
-        self.why_not: str | None = None
-        self.fn = kernel.rotary_cache_reference if reference else kernel.rotary_cache
         weight = model.get_input_embeddings().weight
         try:
             attns = [getattr(layer, "self_attn", None) for layer in decoder_layers(model)]
         except TypeError as e:
-            self.why_not = str(e)
-            return
+            return [], str(e), logging.INFO
         if not attns or not all(a is not None and _eligible(a) for a in attns):
-            self.why_not = "not StableLM attention without q/k layer norms"
-            return
+            return [], "not StableLM attention without q/k layer norms", logging.INFO
         if not reference and weight.dtype not in kernel.DTYPES:
-            self.why_not = f"{weight.dtype} (the kernel is exact for bf16 only)"
-            return
+            return [], f"{weight.dtype} (the kernel is exact for bf16 only)", logging.INFO
         if not reference and (weight.device.type != "cuda" or not kernel.available()):
-            self.why_not = "needs CUDA and Triton"
-            return
+            return [], "needs CUDA and Triton", logging.INFO
         self.shape = head_shape(model)
         try:
             ok = check_kernel(attns[0], self.shape.heads, self.shape.kv_heads, self.shape.head_dim, weight.dtype,
                               weight.device, self.fn)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot compile or run here: transformers' ops
-            self.why_not = f"the kernel failed its check ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})"
-        else:
-            self.why_not = None if ok else "the kernel is not bit-identical to transformers' rotary here"
-        if self.why_not:  # (unexpected where the model qualifies: said once, louder than the reasons above)
-            log.warning("codetune: rotary and cache write stay transformers' ops: %s", self.why_not)
-            return
-        self.attns = attns
+            first = (str(e).splitlines() or [""])[0][:160]
+            return [], f"the kernel failed its check ({type(e).__name__}: {first})", logging.WARNING
+        if not ok:
+            return [], "the kernel is not bit-identical to transformers' rotary here", logging.WARNING
+        return attns, None, 0
 
     @contextmanager
     def __call__(self):
@@ -118,8 +123,6 @@ class StepRotary:
         return forward
 
     def _forward(self, attn, *args, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else (args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         layer = _static_layer(cache, attn.layer_idx)
@@ -133,9 +136,7 @@ class StepRotary:
         cos, sin = positions
         query = self.fn(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, s.heads, s.kv_heads)
         layer.cumulative_length.add_(1)
-        # (as the class's forward picks it: the config's function, else the modeling module's eager one)
-        eager = sys.modules[type(attn).__module__].eager_attention_forward
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+        attention = self.functions.get_interface(attn.config._attn_implementation, self.eager)
         rest = {key: val for key, val in kwargs.items() if key not in _NAMED}
         out, weights = attention(attn, query, layer.keys, layer.values, kwargs.get("attention_mask"), dropout=0.0,
                                  scaling=attn.scaling, position_ids=kwargs.get("position_ids"), **rest)
